@@ -11,9 +11,14 @@ Statistics are computed in float32 for float16/bfloat16 inputs; the output keeps
 
 A 1x1 map (n = 0) has no spatial variance to estimate; the reference divides 0 by 0 and returns
 NaN. We define v = 0 there (n is clamped to 1), so d = 0, E_inv = 0.5 and out = X * sigmoid(0.5).
+
+The module runs the fused version (simam_fused.py: same numbers, only X kept for backward);
+SIMAM_IMPL=formula in the environment, or SimAM(impl="formula"), runs the formula below instead.
 """
 import torch
 from torch import nn
+
+from .simam_fused import resolve_impl, simam_fused
 
 
 def simam_formula(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
@@ -26,17 +31,26 @@ def simam_formula(x: torch.Tensor, e_lambda: float = 1e-4) -> torch.Tensor:
     return (xf * torch.sigmoid(e_inv)).to(x.dtype)
 
 
+def simam(x: torch.Tensor, e_lambda: float = 1e-4, impl: str = None) -> torch.Tensor:
+    """SimAM by the chosen implementation (None: $SIMAM_IMPL, default "auto"; see simam_fused.py)."""
+    impl = resolve_impl(impl)
+    if impl == "formula":
+        return simam_formula(x, e_lambda)
+    return simam_fused(x, e_lambda, impl)
+
+
 class SimAM(nn.Module):
     # Inside the residual branch, right after the spatial (3x3 / depthwise) conv, before its norm.
     placement = "mid"
     default_param = 1e-4
 
-    def __init__(self, channels: int = None, e_lambda: float = 1e-4):
+    def __init__(self, channels: int = None, e_lambda: float = 1e-4, impl: str = None):
         super().__init__()
         self.e_lambda = float(e_lambda)
+        self.impl = impl  # None: follow $SIMAM_IMPL at each call
 
     def forward(self, x):
-        return simam_formula(x, self.e_lambda)
+        return simam(x, self.e_lambda, self.impl)
 
     def extra_repr(self):
         return f"lambda={self.e_lambda:g}"

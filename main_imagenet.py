@@ -1,0 +1,66 @@
+"""Train or evaluate an ImageNet classifier with a pluggable attention module.
+
+    python main_imagenet.py DATA -a resnet50 --attention_type simam --attention_param 0.1
+    torchrun --nproc_per_node=4 main_imagenet.py DATA -a resnet50 ...   # DDP, -b is the total batch
+    python main_imagenet.py DATA -a resnet50 -e --resume model_best.pth.tar
+
+Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
+Docs: docs/training.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
+"""
+import sys
+
+from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
+from utils import UserError, error_line
+from utils.args import get_args_parser as common_args_parser
+from utils.args import parse_args
+from utils.data import SafeImageFolder, check_data_root, collate_skipping, imagenet_transforms
+from utils.demo_data import ensure_demo_dataset
+from utils.trainer import Task, run
+
+
+def get_args_parser():
+    p = common_args_parser("PyTorch ImageNet training and evaluation (SimAM reproduction)")
+    p.add_argument("data", metavar="DIR", nargs="?", default=None,
+                   help="ImageFolder root with train/ and val/ (default: the built-in demo dataset)")
+    p.add_argument("--train-crop-size", default=224, type=int, dest="train_crop_size")
+    p.add_argument("--val-resize-size", default=256, type=int, dest="val_resize_size")
+    p.add_argument("--val-crop-size", default=224, type=int, dest="val_crop_size")
+    return p
+
+
+def data_root(args):
+    if args.data is None:  # the built-in demo dataset, generated on first use
+        args.data = str(ensure_demo_dataset())
+    return args.data
+
+
+def classes(args):
+    return check_data_root(data_root(args), need_train=not args.evaluate)
+
+
+def datasets(args, train=True):
+    root = data_root(args)
+    train_tf, val_tf = imagenet_transforms(args.train_crop_size, args.val_resize_size, args.val_crop_size)
+    val = SafeImageFolder(f"{root}/val", val_tf)
+    return (SafeImageFolder(f"{root}/train", train_tf) if train else None), val
+
+
+def model(args, num_classes):
+    return create_net(args.arch, args.attention_type, args.attention_param, num_classes=num_classes)
+
+
+TASK = Task(name="imagenet", archs=IMAGENET_ARCHS, attentions=ATTENTION_CHOICES, classes=classes,
+            datasets=datasets, model=model, collate_fn=collate_skipping)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(get_args_parser(), argv)
+        return run(args, TASK)
+    except UserError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Write the built-in demo dataset (ten pattern classes, JPEG ImageFolder layout) to OUT.
+
+    .venv/bin/python scripts/make_demo_data.py data/demo
+
+main_imagenet.py without DATA generates it in data/demo/ on first use; this script makes it
+anywhere. Same arguments, same files.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.demo_data import make_demo_dataset  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="output folder (gets train/ and val/)")
+    p.add_argument("--train-per-class", type=int, default=None, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=None, help="validation images per class")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    kw = {k: v for k, v in (("train_per_class", args.train_per_class),
+                            ("val_per_class", args.val_per_class)) if v is not None}
+    out = make_demo_dataset(args.out, seed=args.seed, **kw)
+    n = sum(1 for f in out.rglob("*.JPEG"))
+    print(f"wrote {n} images to {out}/train and {out}/val")
+
+
+if __name__ == "__main__":
+    main()

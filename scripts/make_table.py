@@ -1,0 +1,36 @@
+"""Compare finished (or running) ImageNet runs with the paper: a markdown table, or CSV.
+
+    python scripts/make_table.py checkpoints/                      # every run folder under it
+    python scripts/make_table.py RUN_DIR [RUN_DIR ...] --csv > results.csv
+    python scripts/make_table.py checkpoints/ --write-csv results.csv > results.md   # both
+
+Each run folder's args.json (the trainer's merged settings) names the model; metrics.jsonl gives the
+best validation top-1 over the epochs so far and that epoch's top-5. Params/FLOPs come from
+utils.flops (the paper's convention) for the model as trained.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import UserError, error_line  # noqa: E402
+from utils.runs import csv_table, find_runs, markdown_table, run_row, sort_rows  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders holding run folders")
+    p.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    p.add_argument("--write-csv", metavar="FILE", help="also write the CSV form to FILE")
+    args = p.parse_args(argv)
+    try:
+        rows = sort_rows([run_row(r) for r in find_runs(args.runs)])
+    except UserError as e:
+        sys.exit(f"error: {error_line(e)}")
+    print(csv_table(rows) if args.csv else markdown_table(rows), end="")
+    if args.write_csv:
+        Path(args.write_csv).write_text(csv_table(rows))
+
+
+if __name__ == "__main__":
+    main()

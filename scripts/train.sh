@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Train one config on all GPUs of this node with torchrun; resumes an interrupted run, skips a finished one.
+#
+#   scripts/train.sh configs/imagenet/resnet50_simam.toml /data/imagenet [main_imagenet.py flags...]
+#
+# Extra flags override the config (e.g. --ckpt runs --amp bf16 --channels-last --seed 0).
+# Environment: NPROC (processes; default: visible GPUs, or 1 on a CPU machine), WORKERS (data loading
+# workers for the node, shared by its processes; default: its CPU count), PYTHON (default: .venv's),
+# RUN_LIST (a file to append the run folder to; set by reproduce_imagenet.sh).
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+    echo "usage: $0 CONFIG DATA [main_imagenet.py flags...]" >&2
+    exit 2
+fi
+CONFIG=$1 DATA=$2
+shift 2
+[ -f "$CONFIG" ] || { echo "error: config file not found: $CONFIG" >&2; exit 1; }
+[ -d "$DATA" ] || { echo "error: data folder not found: $DATA" >&2; exit 1; }
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
+NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+WORKERS=${WORKERS:-$(nproc)}
+
+# new DIR | resume CHECKPOINT | done DIR, decided by the trainer's own parser (config + flags merged).
+read -r STATE WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
+if [ -n "${RUN_LIST:-}" ]; then  # reproduce_imagenet.sh collects the run folders
+    if [ "$STATE" = resume ]; then dirname "$WHERE"; else echo "$WHERE"; fi >> "$RUN_LIST"
+fi
+case "$STATE" in
+    done)   echo "=> $CONFIG: finished ($WHERE); skipping"; exit 0 ;;
+    resume) echo "=> $CONFIG: resuming from $WHERE"; set -- --resume "$WHERE" "$@" ;;
+    new)    echo "=> $CONFIG: new run in $WHERE" ;;
+    *)      exit 1 ;;  # the helper has printed why
+esac
+
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+    "$ROOT/main_imagenet.py" "$DATA" --config "$CONFIG" -j "$WORKERS" "$@"

@@ -1,0 +1,110 @@
+"""Command-line flags shared by the training scripts, and `--config FILE` (TOML) support.
+
+The flag names and defaults follow the reference's main_imagenet.py, so its README commands run as
+written. A config file's keys are argparse dest names (arch, batch_size, weight_decay, cos_lr, ...);
+its values become parser defaults, so flags given on the command line still win.
+"""
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+from . import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage dump) and exits with 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def get_args_parser(description="Train or evaluate an image classifier", add_help=True):
+    """The flags every training script has; scripts add their own (data, crop sizes...) to it."""
+    p = Parser(description=description, add_help=add_help)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML file of defaults (keys are the dest names below); flags override it")
+    p.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", help="model architecture (default: resnet18)")
+    p.add_argument("--attention_type", default="none", help="attention module: none | se | cbam | simam")
+    p.add_argument("--attention_param", type=float, default=None,
+                   help="SE/CBAM reduction or SimAM lambda (default: the module's own: 16, 16, 1e-4)")
+    p.add_argument("--epochs", default=90, type=int, metavar="N", help="total epochs (default: 90)")
+    p.add_argument("-b", "--batch-size", default=256, type=int, metavar="N", dest="batch_size",
+                   help="total batch size over all processes (default: 256)")
+    p.add_argument("--lr", "--learning-rate", default=0.1, type=float, metavar="LR", dest="lr",
+                   help="initial learning rate (default: 0.1)")
+    p.add_argument("--momentum", default=0.9, type=float, metavar="M")
+    p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay",
+                   help="weight decay (default: 1e-4)")
+    p.add_argument("--cos_lr", action="store_true", help="cosine learning rate (default: x0.1 every 30 epochs)")
+    p.add_argument("--cos-ref-shift", action="store_true", dest="cos_ref_shift",
+                   help="with --cos_lr: the reference's per-epoch cosine, shifted by one epoch")
+    p.add_argument("--warmup-epochs", default=0.0, type=float, dest="warmup_epochs",
+                   help="linear warm-up length in epochs (default: 0)")
+    p.add_argument("--label-smoothing", default=0.0, type=float, dest="label_smoothing")
+    p.add_argument("-j", "--workers", default=4, type=int, metavar="N",
+                   help="data loading workers per node, shared by its processes (default: 4)")
+    p.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", dest="print_freq")
+    p.add_argument("--seed", default=None, type=int, help="seed for initialisation, shuffling and augmentation")
+    p.add_argument("--resume", default="", type=str, metavar="PATH", help="checkpoint to continue from")
+    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate the --resume checkpoint and exit")
+    p.add_argument("--ckpt", default="checkpoints", metavar="DIR", help="folder of run folders (default: checkpoints)")
+    p.add_argument("--gpu", default=None, metavar="IDS",
+                   help="GPU ids, e.g. 0 or 0,1,2,3 (one process uses the first; -1: CPU)")
+    p.add_argument("--save_weights", default=None, metavar="PATH",
+                   help="write the --resume checkpoint's weights as a plain state_dict and exit")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision (default: off)")
+    p.add_argument("--channels-last", action="store_true", dest="channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+def parse_args(parser, argv=None):
+    """parse_args with `--config FILE` defaults applied first; unknown keys are an error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def load_config(parser, path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for key, value in cfg.items():
+        if key not in actions:
+            raise UserError(f"unknown key {key!r} in config file {path}")
+        choices = actions[key].choices
+        if choices is not None and value not in choices:
+            raise UserError(f"config file {path}: {key} = {value!r}, expected one of {', '.join(map(str, choices))}")
+    return cfg
+
+
+def parse_gpu_ids(text):
+    """The reference's --gpu syntax: "0,1,2,3" -> [0, 1, 2, 3]; negative ids -> [] (CPU); None -> None."""
+    if text is None:
+        return None
+    try:
+        ids = [int(g) for g in str(text).split(",") if g.strip()]
+    except ValueError:
+        raise UserError(f"--gpu expects comma-separated integers, got {text!r}") from None
+    return [g for g in ids if g >= 0]
+
+
+def run_name(prefix, arch, attention_type, attention_param, seed):
+    """The reference's run-folder name: <prefix>-<arch>[-<attention>-param<p>][-seed<s>]."""
+    name = f"{prefix}-{arch}"
+    if attention_type != "none":
+        name += f"-{attention_type}-param{float(attention_param)}"
+    if seed is not None:
+        name += f"-seed{seed}"
+    return name

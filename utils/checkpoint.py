@@ -1,0 +1,117 @@
+"""Checkpoints: atomic writes, weights-only reads, strict and explained loading, RNG states.
+
+Our checkpoints: {epoch (completed), arch, attention_type, attention_param, state_dict (no `module.`),
+best_acc1, optimizer, scaler, rng, args}. The reference code's: {epoch, arch, state_dict with
+`module.` keys, best_acc (a tensor), optimizer}. Both load here; nothing is ever unpickled as code.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import UserError
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, flush + fsync, then rename over `path`.
+
+    rename is atomic on POSIX, so a kill at any moment leaves either the old or the new file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path):
+    """Read a checkpoint with torch.load(weights_only=True); anything else is refused unexecuted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-carrying pickles, others for garbage
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {path}: not a plain weights file ({reason[:120]})") from None
+
+
+def model_state(ckpt):
+    """The model's state_dict from either format: a checkpoint dict or a bare state_dict."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError("checkpoint holds no state_dict of tensors")
+    # DataParallel / DDP (the reference) and torch.compile add prefixes; the weights are the same.
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_identity(ckpt, path, arch, attention_type, attention_param):
+    """Name the first of arch / attention type / parameter that differs from this run's."""
+    if not isinstance(ckpt, dict):
+        return
+    for key, want in (("arch", arch), ("attention_type", attention_type), ("attention_param", attention_param)):
+        have = ckpt.get(key)
+        if have is None:  # the reference stored only `arch`
+            continue
+        if key == "attention_param" and want is not None and float(have) == float(want):
+            continue
+        if have != want:
+            raise UserError(f"checkpoint {path} is for {key}={have!r}, but this run has {key}={want!r}")
+
+
+def load_model_weights(model, ckpt, path):
+    """Strict load with a one-line explanation of any mismatch (missing, unexpected, shapes)."""
+    sd = model_state(ckpt)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise UserError(f"checkpoint {path} does not fit this model (another arch or attention type?): "
+                        + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def best_acc(ckpt):
+    v = ckpt.get("best_acc1", ckpt.get("best_acc", 0.0)) if isinstance(ckpt, dict) else 0.0
+    return float(v)
+
+
+def rng_state():
+    """Every RNG a run draws from, as tensors and plain Python values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,162 @@
+"""The training loop's parts: one training epoch and one evaluation, for any classifier and dataset.
+
+How to reuse (e.g. main_cifar.py):
+
+    from utils.args import get_args_parser, parse_args       # common flags; add your own to the parser
+    from utils.data import EpochLoader                        # any Dataset returning (image, target)
+    from utils.engine import train_one_epoch, evaluate
+    from utils.schedule import schedule_from_args             # or your own lr_fn(epoch, it)
+
+    train_loader = EpochLoader(train_set, per_rank_batch, workers, seed, rank, world_size, train=True)
+    val_loader = EpochLoader(val_set, per_rank_batch, workers, seed, rank, world_size, train=False)
+    lr_fn = schedule_from_args(args, len(train_loader))  # or lr_at(..., milestones=(81, 122))
+    for epoch in range(start_epoch, args.epochs):
+        tr = train_one_epoch(model, train_loader(epoch), criterion, optimizer, lr_fn, epoch, device)
+        va = evaluate(eval_model, val_loader(), device)       # eval_model: the module without DDP
+
+The rest of the job (DDP set-up, checkpoints, resume, metrics, run folder) is utils/trainer.py's
+`run(args, task)`: a script describes its data and models with a `Task` and calls it, as
+main_imagenet.py does, instead of copying this loop.
+
+Batches may be (images, targets) or (images, targets, skipped_paths) (see utils/data.py).
+Under DDP both functions all-reduce their sums, so every rank returns the global figures.
+"""
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from . import UserError
+from .distributed import all_reduce_sum
+from .logger import RunLogger
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+def _autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def _unpack(batch, device, channels_last):
+    images, target = batch[0], batch[1]
+    skipped = batch[2] if len(batch) > 2 else []
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, target.to(device, non_blocking=True), skipped
+
+
+def _topk_correct(output, target, ks):
+    pred = output.topk(max(ks), dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [hit[:, :k].any(dim=1).sum() for k in ks]
+
+
+def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *, scaler=None,
+                    amp_dtype=None, channels_last=False, print_freq=10, logger=None):
+    """One pass over `loader`; sets the lr from lr_fn(epoch, it) before every step.
+
+    Returns {loss, acc1, images, skipped, time, lr} summed over ranks. Raises NonFiniteLossError
+    (checked every print_freq iterations and at the end, without a per-step host sync).
+    """
+    logger = logger or RunLogger()
+    model.train()
+    n_iter = len(loader)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, skipped = 0, []
+    bar = logger.progress(n_iter, f"epoch {epoch + 1}")
+    start = time.time()
+    lr = lr_fn(epoch, 0)
+    for it, batch in enumerate(loader):
+        images, target, bad = _unpack(batch, device, channels_last)
+        skipped += bad
+        lr = lr_fn(epoch, it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(device, amp_dtype):
+            output = model(images)
+            loss = criterion(output, target)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+        n = images.shape[0]
+        seen += n
+        loss_sum += loss.detach().double() * n
+        correct += _topk_correct(output.detach(), target, (1,))[0]
+        if it % print_freq == 0 or it == n_iter - 1:
+            avg = loss_sum.item() / seen
+            if not math.isfinite(avg):
+                raise NonFiniteLossError(f"loss is {avg} at epoch {epoch}, iteration {it}: stopping")
+            line = (f"Epoch: [{epoch + 1}][{it:>{len(str(n_iter))}}/{n_iter}]  lr {lr:.5f}  "
+                    f"loss {avg:.4f}  acc@1 {100 * correct.item() / seen:6.2f}")
+            if bar is not None:
+                bar.set_postfix_str(f"lr {lr:.4f} loss {avg:.4f}")
+                logger.file(line)
+            else:
+                logger.info(line)
+        if bar is not None:
+            bar.update(1)
+    logger.end_progress()
+    for p in skipped[:5]:
+        logger.info(f"skipped unreadable image: {p}")
+    loss_total, correct_total, count, skipped_total = all_reduce_sum(
+        [loss_sum.item(), correct.item(), seen, len(skipped)], device)
+    if count == 0:
+        raise UserError("the training loader yielded no batches (fewer images than the batch size?)")
+    avg = loss_total / count
+    if not math.isfinite(avg):
+        raise NonFiniteLossError(f"loss is {avg} at epoch {epoch}: stopping")
+    return {"loss": avg, "acc1": 100 * correct_total / count, "images": int(count),
+            "skipped": int(skipped_total), "time": time.time() - start, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logger=None, desc="val"):
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over every image of `loader`.
+
+    Sums are int64/float64 and all-reduced, so with utils.data.ShardSampler the result equals a
+    single-process evaluation. Pass the model without its DDP wrapper (ranks may see different
+    batch counts; DDP's forward would wait on the others).
+    """
+    logger = logger or RunLogger()
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    c1 = torch.zeros((), dtype=torch.int64, device=device)
+    c5 = torch.zeros((), dtype=torch.int64, device=device)
+    seen, skipped = 0, []
+    bar = logger.progress(len(loader), desc)
+    for batch in loader:
+        images, target, bad = _unpack(batch, device, channels_last)
+        skipped += bad
+        with _autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        loss_sum += F.cross_entropy(output, target, reduction="none").double().sum()
+        k1, k5 = _topk_correct(output, target, (1, min(5, output.shape[1])))
+        c1 += k1
+        c5 += k5
+        seen += images.shape[0]
+        if bar is not None:
+            bar.update(1)
+    logger.end_progress()
+    for p in skipped[:5]:
+        logger.info(f"skipped unreadable image: {p}")
+    loss, n1, n5, count, n_skipped = all_reduce_sum(
+        [loss_sum.item(), c1.item(), c5.item(), seen, len(skipped)], device)
+    if count == 0:
+        raise UserError("the validation set yielded no images")
+    return {"loss": loss / count, "acc1": 100 * n1 / count, "acc5": 100 * n5 / count,
+            "count": int(count), "skipped": int(n_skipped)}

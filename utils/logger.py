@@ -1,0 +1,59 @@
+"""Rank-0 output: console lines, a human-readable log.txt, metrics.jsonl and tqdm progress bars."""
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Prints and writes only when `enabled` (rank 0). folder=None: console only (e.g. evaluation).
+
+    Progress bars are drawn only on a terminal; elsewhere (CI, SLURM logs) the loop prints plain
+    lines every --print-freq iterations instead.
+    """
+
+    def __init__(self, folder=None, enabled=True):
+        self.enabled = enabled
+        self.folder = Path(folder) if folder is not None else None
+        self.tty = enabled and sys.stderr.isatty()
+        self._bar = None
+
+    def info(self, msg):
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+        self.file(msg)
+
+    def file(self, msg):
+        if self.enabled and self.folder is not None:
+            with open(self.folder / "log.txt", "a") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, row):
+        if self.enabled and self.folder is not None:
+            with open(self.folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, completed):
+        """On resume, drop rows of epochs after `completed` (a crash may have left them)."""
+        path = self.folder / "metrics.jsonl" if self.folder is not None else None
+        if not self.enabled or path is None or not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= completed]
+        path.write_text("".join(r + "\n" for r in rows))
+
+    def progress(self, total, desc):
+        """A tqdm bar on a terminal, else None. Close it with end_progress()."""
+        if self.tty:
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return self._bar
+
+    def end_progress(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,231 @@
+"""Results of runs: reading run folders, the paper's numbers, and the comparison table.
+
+Shared by scripts/make_table.py, scripts/eval_checkpoints.py, scripts/plot_curves.py and the shell
+launchers, which ask this module what to do with a config (`python -m utils.runs plan CONFIG [FLAGS]`
+prints `new DIR`, `resume CHECKPOINT` or `done DIR`).
+"""
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from . import UserError
+
+# The paper's ImageNet figures: (top-1, top-5 or None, source key). Source: ../shared/paper/simam.md,
+# which copies the reference README's table, the reference's own logs and torchvision's V1 weights.
+PAPER = {
+    ("resnet18", "simam"): (71.31, 89.88, "paper"),
+    ("resnet34", "simam"): (74.49, 92.02, "paper"),
+    ("resnet50", "simam"): (77.45, 93.66, "paper"),
+    ("resnet101", "simam"): (78.65, 94.11, "paper"),
+    ("resnext50_32x4d", "simam"): (78.00, 93.93, "paper"),
+    ("mobilenet_v2", "simam"): (72.36, 90.74, "paper"),
+    ("resnext50_32x4d", "none"): (77.466, 93.524, "log"),
+    ("resnet18", "none"): (69.758, None, "torchvision"),
+    ("resnet50", "none"): (76.130, None, "torchvision"),
+    ("resnet101", "none"): (77.374, None, "torchvision"),
+    ("mobilenet_v2", "none"): (71.878, None, "torchvision"),
+}
+SOURCES = {
+    "paper": "the paper's ImageNet table (reference README)",
+    "log": "the reference's own training log (ResNeXt-50 32x4d without attention)",
+    "torchvision": "torchvision V1 weights (~90-epoch step recipe), not the paper's own run",
+}
+MARKS = {"paper": "", "log": " †", "torchvision": " *"}
+PAPER_PARAM = {"simam": 0.1}  # the paper's SimAM rows used lambda 0.1: other lambdas are not compared
+
+ARCH_ORDER = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "mobilenet_v2")
+ARCH_LABEL = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
+              "resnet152": "ResNet-152", "resnext50_32x4d": "ResNeXt-50 (32x4d)", "mobilenet_v2": "MobileNetV2"}
+ATT_ORDER = ("none", "se", "cbam", "simam")
+ATT_LABEL = {"none": "none", "se": "SE", "cbam": "CBAM", "simam": "SimAM"}
+
+
+def effective_param(attention_type, attention_param):
+    """The module's parameter as the trainer resolves it (its default when not given)."""
+    if attention_type == "none":
+        return None
+    from networks.attentions import attention_layer
+    return attention_layer(attention_type, attention_param).param
+
+
+def attention_label(attention_type, param):
+    if attention_type == "none":
+        return "none"
+    symbol = "λ" if attention_type == "simam" else "r"
+    return f"{ATT_LABEL.get(attention_type, attention_type)} ({symbol}={param:g})"
+
+
+# ---------------------------------------------------------------- run folders
+
+def find_runs(paths):
+    """Run folders (holding metrics.jsonl) among `paths`; a folder of run folders gives all of them."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            found = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file())
+            if not found:
+                raise UserError(f"no run folder (with metrics.jsonl) at or under {p}")
+            runs += found
+        else:
+            raise UserError(f"run folder not found: {p}")
+    return runs
+
+
+def read_metrics(run):
+    """The rows of <run>/metrics.jsonl, one per epoch; a half-written last line (a crash) is ignored."""
+    rows = []
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{run}/metrics.jsonl line {i + 1} is not JSON") from None
+    return rows
+
+
+def read_run(run):
+    """{run, args, rows, best}: the recorded settings, the epochs, and the best-top-1 epoch's row."""
+    run = Path(run)
+    args_path = run / "args.json"
+    if not args_path.is_file():
+        raise UserError(f"{run} has no args.json (the settings the trainer records)")
+    args = json.loads(args_path.read_text())
+    rows = read_metrics(run)
+    # The reference keeps the best top-1 epoch (model_best); its top-5 is that epoch's top-5.
+    best = max(rows, key=lambda r: r["val_acc1"]) if rows else None
+    return {"run": run, "args": args, "rows": rows, "best": best}
+
+
+# ---------------------------------------------------------------- the table
+
+_STATS = {}
+
+
+def model_stats(arch, attention_type, attention_param, num_classes=1000, image_size=224):
+    """Params and FLOPs in the paper's convention (utils.flops), cached per model."""
+    key = (arch, attention_type, attention_param, num_classes, image_size)
+    if key not in _STATS:
+        from networks import create_net
+        from utils.flops import profile_model
+        model = create_net(arch, attention_type, attention_param, num_classes=num_classes)
+        _STATS[key] = profile_model(model, image_size=image_size)
+    return _STATS[key]
+
+
+def table_row(arch, attention_type, attention_param, top1, top5, epochs, source, num_classes=1000):
+    """One row of the comparison; attention_param None means the module's default."""
+    param = effective_param(attention_type, attention_param)
+    stats = model_stats(arch, attention_type, param, num_classes)
+    paper_top1, paper_top5, paper_src = PAPER.get((arch, attention_type), (None, None, None))
+    if attention_type in PAPER_PARAM and param != PAPER_PARAM[attention_type]:
+        paper_top1, paper_top5, paper_src = None, None, None
+    diff = lambda ours, ref: None if ours is None or ref is None else ours - ref  # noqa: E731
+    return {"arch": arch, "attention": attention_type, "param": param, "classes": num_classes,
+            "params": stats["params"], "flops": stats["flops"], "epochs": epochs,
+            "top1": top1, "top5": top5, "paper_top1": paper_top1, "paper_top5": paper_top5,
+            "diff_top1": diff(top1, paper_top1), "diff_top5": diff(top5, paper_top5),
+            "paper_source": paper_src, "source": str(source)}
+
+
+def run_row(run):
+    """The table row of a run folder (best epoch so far)."""
+    r = read_run(run)
+    a, best = r["args"], r["best"]
+    done = f"{len(r['rows'])}/{a.get('epochs', '?')}"
+    return table_row(a["arch"], a.get("attention_type", "none"), a.get("attention_param"),
+                     best["val_acc1"] if best else None, best["val_acc5"] if best else None,
+                     done, r["run"], int(a.get("classes", 1000)))
+
+
+def sort_rows(rows):
+    rank = lambda v, order: order.index(v) if v in order else len(order)  # noqa: E731
+    return sorted(rows, key=lambda r: (rank(r["arch"], ARCH_ORDER), rank(r["attention"], ATT_ORDER),
+                                       r["param"] or 0, r["source"]))
+
+
+def _num(v, fmt):
+    return "–" if v is None else format(v, fmt)
+
+
+def _short(source):
+    p = Path(source)
+    return f"{p.parent.name}/{p.name}" if p.name.endswith(".pth.tar") else p.name
+
+
+def markdown_table(rows):
+    head = ["Model", "Attention", "Params", "FLOPs", "Epochs", "Top-1", "Top-5",
+            "Paper Top-1", "Paper Top-5", "Δ Top-1", "Δ Top-5", "Run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        mark = MARKS.get(r["paper_source"], "")
+        cells = [ARCH_LABEL.get(r["arch"], r["arch"]), attention_label(r["attention"], r["param"]),
+                 f"{r['params'] / 1e6:.2f} M", f"{r['flops'] / 1e9:.2f} G", str(r["epochs"]),
+                 _num(r["top1"], ".2f"), _num(r["top5"], ".2f"),
+                 _num(r["paper_top1"], ".2f") + (mark if r["paper_top1"] is not None else ""),
+                 _num(r["paper_top5"], ".2f"), _num(r["diff_top1"], "+.2f"), _num(r["diff_top5"], "+.2f"),
+                 _short(r["source"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"Paper columns: {SOURCES['paper']}"]
+    used = {r["paper_source"] for r in rows}
+    notes += [f"{MARKS[s].strip()} {SOURCES[s]}" for s in ("log", "torchvision") if s in used]
+    if any(r["classes"] != 1000 for r in rows):
+        notes.append("Params/FLOPs are for each model as trained (its number of classes), at 224x224.")
+    else:
+        notes.append("Params/FLOPs: thop convention of the paper (multiply-adds at 224x224).")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+CSV_FIELDS = ["arch", "attention", "param", "classes", "params", "flops", "epochs", "top1", "top5",
+              "paper_top1", "paper_top5", "diff_top1", "diff_top5", "paper_source", "source"]
+
+
+def csv_table(rows):
+    out = io.StringIO()
+    w = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- launchers' helper
+
+def plan(argv):
+    """What a launcher should do for `main_imagenet.py --config CONFIG [FLAGS]`:
+    ("done", run_dir) when every epoch is in metrics.jsonl, ("resume", checkpoint) when a checkpoint
+    is there, else ("new", run_dir). Uses the trainer's own parser, so flags and config merge the same way."""
+    from main_imagenet import get_args_parser
+    from utils.args import parse_args, run_name
+    parser = get_args_parser()
+    parser.prog = "main_imagenet.py"  # errors name the flags' owner
+    args = parse_args(parser, argv)
+    param = effective_param(args.attention_type, args.attention_param)
+    run = Path(args.ckpt) / run_name("imagenet", args.arch, args.attention_type, param, args.seed)
+    epochs_done = max((r["epoch"] for r in read_metrics(run)), default=0) if (run / "metrics.jsonl").is_file() else 0
+    if epochs_done >= args.epochs:
+        return "done", run
+    if (run / "checkpoint.pth.tar").is_file():
+        return "resume", run / "checkpoint.pth.tar"
+    return "new", run
+
+
+def _main(argv):
+    if not argv or argv[0] != "plan":
+        sys.exit("usage: python -m utils.runs plan --config CONFIG [main_imagenet.py flags]")
+    try:
+        state, path = plan(argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(state, path)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
