@@ -1,5 +1,6 @@
 """Shared test helpers: tiny generated ImageFolder data and a CLI runner for main_imagenet.py."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,13 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT):
     cmd = (launcher or [sys.executable]) + [str(ROOT / "main_imagenet.py")] + [str(a) for a in args]
     # One intra-op thread: on a busy 2-core machine, 2-thread OpenMP steps run 10x slower, not 2x.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def cli():
-    return run_cli
+    # Own session, so a timeout kills torchrun's workers too instead of leaving them running.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -133,7 +133,7 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(simam_fused, "_compiled", {"fwd": broken, "bwd": broken})
     monkeypatch.setattr(simam_fused, "_broken", None)
-    x = torch.randn(2, 3, 5, 5)
+    x = torch.randn(2, 16, 32, 32)  # not below simam_fused.SMALL: "auto" would not compile it at all
     g = torch.randn_like(x)
     ref = value_and_grad(lambda t: simam_formula(t, 1e-4), x, g)
     with warnings.catch_warnings(record=True) as caught:

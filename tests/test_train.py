@@ -2,9 +2,7 @@
 reference checkpoints, refused pickles, corrupt images, NaN stop."""
 import json
 import re
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -87,7 +87,16 @@ def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(tiny_data
 
 # ---- the loop --------------------------------------------------------------------------------
 
-def test_training_lowers_the_loss(tiny_data):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: steadier than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_training_lowers_the_loss(tiny_data, one_thread):
     """Single process, CPU, generated images without augmentation, full-batch steps: it fits them."""
     torch.manual_seed(0)
     _, val_tf = imagenet_transforms(32, 36, 32)
@@ -96,7 +105,7 @@ def test_training_lowers_the_loss(tiny_data):
     model = create_net("resnet18", "simam", 0.1, num_classes=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = [train_one_epoch(model, loader(e), torch.nn.CrossEntropyLoss(), opt, lambda e, i: 0.01, e,
-                              torch.device("cpu"))["loss"] for e in range(8)]
+                              torch.device("cpu"))["loss"] for e in range(6)]
     assert losses[0] > 0.9 and losses[-1] < 0.1 * losses[0], losses
     val = evaluate(model, EpochLoader(ds, 5, 0, 0, train=False, collate_fn=collate_skipping)(), "cpu")
     assert val["count"] == len(ds) == 24 and math.isfinite(val["loss"])
@@ -197,3 +206,22 @@ def test_bad_arguments_give_one_clear_line(tiny_data, tmp_path, capsys):
     ]
     for argv, expected in cases:
         assert expected in run_main(TINY + argv, capsys), argv
+
+
+def test_gpu_ids_follow_the_reference_syntax():
+    from utils.args import parse_gpu_ids
+    assert parse_gpu_ids("0,1,2,3") == [0, 1, 2, 3] and parse_gpu_ids("1") == [1]
+    assert parse_gpu_ids("-1") == [] and parse_gpu_ids(None) is None
+    with pytest.raises(UserError, match="--gpu expects"):
+        parse_gpu_ids("cuda:0")
+
+
+def test_checkpoint_identity_names_the_differing_setting():
+    from utils.checkpoint import check_identity
+    ours = {"arch": "resnet50", "attention_type": "simam", "attention_param": 0.1}
+    check_identity(ours, "c.pth", "resnet50", "simam", 0.1)
+    check_identity({"arch": "resnet50"}, "ref.pth", "resnet50", "simam", 0.1)  # reference: arch only
+    with pytest.raises(UserError, match="attention_param=0.1, but this run has attention_param=0.0001"):
+        check_identity(ours, "c.pth", "resnet50", "simam", 1e-4)
+    with pytest.raises(UserError, match="arch='resnet50', but this run has arch='resnet101'"):
+        check_identity(ours, "c.pth", "resnet101", "simam", 0.1)

@@ -4,6 +4,7 @@ Deterministic (numpy RNG seeded per split), small (a few hundred 64-96 px files)
 few CPU minutes. Every class keeps its identity under RandomResizedCrop and horizontal flips, since
 classes differ in the kind of pattern (stripes vs. rings vs. blobs...), not in scale or handedness.
 """
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ CLASSES = (
     "disc", "square", "cross", "gradient", "speckle",
 )
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+STAMP, VERSION = ".demo_version", "2: 10 classes x (60 train + 12 val), 64-96 px, seed 0"
 
 
 def _draw(kind, size, rng):
@@ -62,7 +64,7 @@ def _finish(img, rng):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_demo_dataset(out, classes=CLASSES, train_per_class=40, val_per_class=12,
+def make_demo_dataset(out, classes=CLASSES, train_per_class=60, val_per_class=12,
                       sizes=(64, 96), seed=0):
     """Write out/train/<class>/*.JPEG and out/val/<class>/*.JPEG; returns `out` as a Path.
 
@@ -81,14 +83,18 @@ def make_demo_dataset(out, classes=CLASSES, train_per_class=40, val_per_class=12
 
 
 def ensure_demo_dataset(root=DEFAULT_DIR):
-    """The cached demo dataset, generated on first use (written to a temporary folder, then renamed)."""
+    """The cached demo dataset, generated on first use (into a temporary folder, then renamed).
+
+    A stamp file records the generator's version; a cache from another version is rebuilt.
+    """
     root = Path(root)
-    if (root / "val").is_dir():
+    if (root / STAMP).is_file() and (root / STAMP).read_text() == VERSION:
         return root
     tmp = root.with_name(root.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    for old in (tmp, root):
+        if old.exists():
+            shutil.rmtree(old)
     make_demo_dataset(tmp)
+    (tmp / STAMP).write_text(VERSION)
     tmp.rename(root)
     return root

@@ -127,10 +127,11 @@ def run(args, task):
         return save_weights(args, task)
     gpu_ids = parse_gpu_ids(args.gpu)
     info = init_distributed(gpu_ids)
-    try:
-        return _run(args, task, info, gpu_ids)
-    finally:
-        cleanup()
+    result = _run(args, task, info, gpu_ids)
+    # Only on success: after an error on one rank, destroy_process_group could wait forever for
+    # the others; exiting non-zero instead lets torchrun stop the whole job.
+    cleanup()
+    return result
 
 
 def _run(args, task, info, gpu_ids):
@@ -173,10 +174,10 @@ def _run(args, task, info, gpu_ids):
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             settings = dict(vars(args), seed_used=seed, world_size=info.world_size, classes=len(classes))
-            (run_dir / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+            (run_dir / "args.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
         logger = RunLogger(run_dir, enabled=info.is_main)
         logger.info(f"run folder: {run_dir}")
-        logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=seed))}")
+        logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=seed), default=str)}")
 
     model = task.model(args, len(classes))
     print_model_summary(model, args, task, logger)
@@ -246,23 +247,22 @@ def _run(args, task, info, gpu_ids):
                       channels_last=args.channels_last, logger=logger)
         is_best = va["acc1"] > best_acc1
         best_acc1 = max(best_acc1, va["acc1"])
-        row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"], "train_acc1": tr["acc1"],
-               "val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"],
-               "epoch_time": time.time() - t0, "images_per_sec": tr["images"] / tr["time"],
-               "skipped_images": tr["skipped"] + va["skipped"]}
         if info.is_main:
             state = {"epoch": epoch + 1, "arch": args.arch, "attention_type": args.attention_type,
                      "attention_param": effective_param(args), "num_classes": len(classes),
                      "state_dict": raw.state_dict(), "best_acc1": best_acc1,
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
-                     "rng": rng_state(), "args": json.loads(json.dumps(vars(args)))}
+                     "rng": rng_state(), "args": json.loads(json.dumps(vars(args), default=str))}
             save_atomic(state, run_dir / "checkpoint.pth.tar")
             if is_best:
                 tmp = run_dir / "model_best.pth.tar.tmp"
                 shutil.copyfile(run_dir / "checkpoint.pth.tar", tmp)
                 os.replace(tmp, run_dir / "model_best.pth.tar")
-        row["epoch_time"] = time.time() - t0
+        row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"], "train_acc1": tr["acc1"],
+               "val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"],
+               "epoch_time": time.time() - t0, "images_per_sec": tr["images"] / tr["time"],
+               "skipped_images": tr["skipped"] + va["skipped"]}
         logger.metrics(row)
         logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f} acc@1 {tr['acc1']:.2f} | "
                     f"val loss {va['loss']:.4f} Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f} | "

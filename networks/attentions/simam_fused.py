@@ -13,19 +13,25 @@ and g = dL/dout, a = g x sig (1 - sig) (= dL/dy for y = d/s + 0.5):
 (the first term through sig's factor x, the second through d, the last through the mean).
 
 Which path runs (per call; SIMAM_IMPL in the environment, or SimAM(impl=...)):
-    auto      compiled kernels, or the eager analytic Function where compiling is unavailable (default)
+    auto      compiled kernels, or the eager analytic Function where compiling is unavailable and for
+              maps under 32768 values on the CPU (default)
     compiled  compiled kernels; a compile failure raises instead of falling back
     eager     the analytic Function in plain PyTorch ops (saves only x, no compiler needed)
     formula   the paper's formula, autograd does the rest (the reference)
 Inside torch.compile of a whole model the Function runs plain ops, so dynamo traces and fuses them
 with the rest of the graph.
 """
+import logging
 import os
 import warnings
 
 import torch
 
 IMPLS = ("auto", "compiled", "eager", "formula")
+# On the CPU, "auto" runs maps smaller than this eagerly: ATen keeps such ops on one thread, while a
+# compiled kernel always opens an OpenMP parallel region, whose barrier alone costs more (and much
+# more when other jobs load the cores), and each new tiny shape would be one more compile.
+SMALL = 32768
 
 
 def _stats(x: torch.Tensor, e_lambda: float):
@@ -62,6 +68,9 @@ _broken = None  # the reason compiling failed, once it has
 
 def _compile_kernels():
     if not _compiled:
+        # A CUDA build of torch on a machine without CUDA logs "No CUDA runtime is found" when inductor
+        # loads its C++ toolchain; it is noise for a CPU kernel, so keep it off the user's console.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         # dynamic=True: one kernel serves every block's (N, C, H, W) instead of one compile per shape.
         _compiled["fwd"] = torch.compile(simam_forward, dynamic=True, fullgraph=True)
         _compiled["bwd"] = torch.compile(simam_backward, dynamic=True, fullgraph=True)
@@ -98,7 +107,8 @@ class SimAMFunction(torch.autograd.Function):
     def forward(ctx, x, e_lambda: float, mode: str):
         ctx.save_for_backward(x)
         ctx.e_lambda, ctx.mode = e_lambda, mode
-        if mode == "eager":
+        if mode == "eager" or (mode == "auto" and x.device.type == "cpu" and x.numel() < SMALL):
+            ctx.mode = "eager"
             return simam_forward(x, e_lambda)
         return _run("fwd", simam_forward, mode == "compiled", x, e_lambda)
 
