@@ -3,6 +3,10 @@
     python scripts/make_table.py checkpoints/                      # every run folder under it
     python scripts/make_table.py RUN_DIR [RUN_DIR ...] --csv > results.csv
     python scripts/make_table.py checkpoints/ --write-csv results.csv > results.md   # both
+    python scripts/make_table.py checkpoints/cifar100-resnet20-simam-param0.0001-seed*   # mean +- std
+
+Runs that differ only in their seed (same dataset, model, attention and parameter) are one row:
+mean +- sample std of their best top-1/top-5 (`--per-seed` lists them one by one).
 
 Each run folder's args.json (the trainer's merged settings) names the model; metrics.jsonl gives the
 best validation top-1 over the epochs so far and that epoch's top-5. Params/FLOPs come from
@@ -14,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import csv_table, find_runs, markdown_table, run_row, sort_rows  # noqa: E402
+from utils.runs import aggregate_seeds, csv_table, find_runs, markdown_table, run_row, sort_rows  # noqa: E402
 
 
 def main(argv=None):
@@ -22,9 +26,11 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders holding run folders")
     p.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     p.add_argument("--write-csv", metavar="FILE", help="also write the CSV form to FILE")
+    p.add_argument("--per-seed", action="store_true", help="one row per run instead of mean +- std over seeds")
     args = p.parse_args(argv)
     try:
-        rows = sort_rows([run_row(r) for r in find_runs(args.runs)])
+        rows = [run_row(r) for r in find_runs(args.runs)]
+        rows = sort_rows(rows if args.per_seed else aggregate_seeds(rows))
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")
     print(csv_table(rows) if args.csv else markdown_table(rows), end="")

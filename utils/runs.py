@@ -29,11 +29,14 @@ PAPER = {
 }
 SOURCES = {
     "paper": "the paper's ImageNet table (reference README)",
-    "log": "the reference's own training log (ResNeXt-50 32x4d without attention)",
+    "log": "the reference's own training logs (ImageNet ResNeXt-50 32x4d without attention; CIFAR-100 ResNet-20 + SimAM)",
     "torchvision": "torchvision V1 weights (~90-epoch step recipe), not the paper's own run",
 }
 MARKS = {"paper": "", "log": " †", "torchvision": " *"}
 PAPER_PARAM = {"simam": 0.1}  # the paper's SimAM rows used lambda 0.1: other lambdas are not compared
+# CIFAR: the reference's one log (CIFAR-100 ResNet-20 + SimAM, lambda 1e-4, seed 0), keyed with its lambda.
+PAPER_CIFAR = {("cifar100", "resnet20", "simam", 1e-4): (69.83, None, "log")}
+IMAGE_SIZE = {"imagenet": 224, "cifar10": 32, "cifar100": 32}
 
 ARCH_ORDER = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "mobilenet_v2")
 ARCH_LABEL = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
@@ -120,17 +123,26 @@ def model_stats(arch, attention_type, attention_param, num_classes=1000, image_s
     return _STATS[key]
 
 
-def table_row(arch, attention_type, attention_param, top1, top5, epochs, source, num_classes=1000):
+def paper_figures(dataset, arch, attention_type, param):
+    """(top-1, top-5, source) the paper or the reference reports for this setting, or Nones."""
+    if dataset != "imagenet":
+        return PAPER_CIFAR.get((dataset, arch, attention_type, param), (None, None, None))
+    if attention_type in PAPER_PARAM and param != PAPER_PARAM[attention_type]:
+        return None, None, None
+    return PAPER.get((arch, attention_type), (None, None, None))
+
+
+def table_row(arch, attention_type, attention_param, top1, top5, epochs, source, num_classes=1000,
+              dataset="imagenet", seed=None):
     """One row of the comparison; attention_param None means the module's default."""
     param = effective_param(attention_type, attention_param)
-    stats = model_stats(arch, attention_type, param, num_classes)
-    paper_top1, paper_top5, paper_src = PAPER.get((arch, attention_type), (None, None, None))
-    if attention_type in PAPER_PARAM and param != PAPER_PARAM[attention_type]:
-        paper_top1, paper_top5, paper_src = None, None, None
+    stats = model_stats(arch, attention_type, param, num_classes, IMAGE_SIZE.get(dataset, 224))
+    paper_top1, paper_top5, paper_src = paper_figures(dataset, arch, attention_type, param)
     diff = lambda ours, ref: None if ours is None or ref is None else ours - ref  # noqa: E731
-    return {"arch": arch, "attention": attention_type, "param": param, "classes": num_classes,
-            "params": stats["params"], "flops": stats["flops"], "epochs": epochs,
-            "top1": top1, "top5": top5, "paper_top1": paper_top1, "paper_top5": paper_top5,
+    return {"dataset": dataset, "arch": arch, "attention": attention_type, "param": param, "classes": num_classes,
+            "params": stats["params"], "flops": stats["flops"], "epochs": epochs, "seeds": 1, "seed": seed,
+            "top1": top1, "top5": top5, "top1_std": None, "top5_std": None,
+            "paper_top1": paper_top1, "paper_top5": paper_top5,
             "diff_top1": diff(top1, paper_top1), "diff_top5": diff(top5, paper_top5),
             "paper_source": paper_src, "source": str(source)}
 
@@ -140,14 +152,50 @@ def run_row(run):
     r = read_run(run)
     a, best = r["args"], r["best"]
     done = f"{len(r['rows'])}/{a.get('epochs', '?')}"
+    dataset = a.get("dataset", "imagenet")
+    classes = a.get("classes") or {"cifar10": 10, "cifar100": 100}.get(dataset, 1000)
     return table_row(a["arch"], a.get("attention_type", "none"), a.get("attention_param"),
                      best["val_acc1"] if best else None, best["val_acc5"] if best else None,
-                     done, r["run"], int(a.get("classes", 1000)))
+                     done, r["run"], int(classes), dataset, a.get("seed_used", a.get("seed")))
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5  # sample std (ddof 1)
+
+
+def aggregate_seeds(rows):
+    """One row per setting: runs that differ only in their seed become mean +- sample std over seeds."""
+    groups = {}
+    for r in rows:
+        key = (r["dataset"], r["arch"], r["attention"], r["param"], r["classes"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        row = dict(group[0], seeds=len(group), seed=None)
+        row["top1"], row["top1_std"] = _mean_std([r["top1"] for r in group])
+        row["top5"], row["top5_std"] = _mean_std([r["top5"] for r in group])
+        for k in ("top1", "top5"):
+            ref = row[f"paper_{k}"]
+            row[f"diff_{k}"] = None if row[k] is None or ref is None else row[k] - ref
+        epochs = sorted({str(r["epochs"]) for r in group})
+        row["epochs"] = epochs[0] if len(epochs) == 1 else ",".join(epochs)
+        row["source"] = " ".join(sorted(str(r["source"]) for r in group))
+        out.append(row)
+    return out
 
 
 def sort_rows(rows):
     rank = lambda v, order: order.index(v) if v in order else len(order)  # noqa: E731
-    return sorted(rows, key=lambda r: (rank(r["arch"], ARCH_ORDER), rank(r["attention"], ATT_ORDER),
+    return sorted(rows, key=lambda r: (r["dataset"], rank(r["arch"], ARCH_ORDER), rank(r["attention"], ATT_ORDER),
                                        r["param"] or 0, r["source"]))
 
 
@@ -156,19 +204,36 @@ def _num(v, fmt):
 
 
 def _short(source):
-    p = Path(source)
-    return f"{p.parent.name}/{p.name}" if p.name.endswith(".pth.tar") else p.name
+    names = []
+    for part in str(source).split(" "):
+        p = Path(part)
+        names.append(f"{p.parent.name}/{p.name}" if p.name.endswith(".pth.tar") else p.name)
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1})"
+
+
+def _acc(mean, std, fmt=".2f"):
+    return _num(mean, fmt) if std is None else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+DATASET_LABEL = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def _model_label(r):
+    label = ARCH_LABEL.get(r["arch"], r["arch"])
+    return label if r["dataset"] == "imagenet" else f"{label} ({DATASET_LABEL.get(r['dataset'], r['dataset'])})"
 
 
 def markdown_table(rows):
-    head = ["Model", "Attention", "Params", "FLOPs", "Epochs", "Top-1", "Top-5",
+    head = ["Model", "Attention", "Params", "FLOPs", "Epochs", "Seeds", "Top-1", "Top-5",
             "Paper Top-1", "Paper Top-5", "Δ Top-1", "Δ Top-5", "Run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         mark = MARKS.get(r["paper_source"], "")
-        cells = [ARCH_LABEL.get(r["arch"], r["arch"]), attention_label(r["attention"], r["param"]),
-                 f"{r['params'] / 1e6:.2f} M", f"{r['flops'] / 1e9:.2f} G", str(r["epochs"]),
-                 _num(r["top1"], ".2f"), _num(r["top5"], ".2f"),
+        small = r["dataset"] != "imagenet"  # CIFAR nets: 0.278 M / 0.0412 G need more digits
+        cells = [_model_label(r), attention_label(r["attention"], r["param"]),
+                 f"{r['params'] / 1e6:.{3 if small else 2}f} M", f"{r['flops'] / 1e9:.{4 if small else 2}f} G",
+                 str(r["epochs"]), str(r["seeds"] if r["seeds"] > 1 else (r["seed"] if r["seed"] is not None else 1)),
+                 _acc(r["top1"], r["top1_std"]), _acc(r["top5"], r["top5_std"]),
                  _num(r["paper_top1"], ".2f") + (mark if r["paper_top1"] is not None else ""),
                  _num(r["paper_top5"], ".2f"), _num(r["diff_top1"], "+.2f"), _num(r["diff_top5"], "+.2f"),
                  _short(r["source"])]
@@ -176,14 +241,15 @@ def markdown_table(rows):
     notes = [f"Paper columns: {SOURCES['paper']}"]
     used = {r["paper_source"] for r in rows}
     notes += [f"{MARKS[s].strip()} {SOURCES[s]}" for s in ("log", "torchvision") if s in used]
-    if any(r["classes"] != 1000 for r in rows):
-        notes.append("Params/FLOPs are for each model as trained (its number of classes), at 224x224.")
-    else:
-        notes.append("Params/FLOPs: thop convention of the paper (multiply-adds at 224x224).")
+    notes.append("Params/FLOPs: the paper's thop convention (multiply-adds at 224x224 for ImageNet, 32x32 for CIFAR), "
+                 "for each model as trained (its number of classes).")
+    if any(r["seeds"] > 1 for r in rows):
+        notes.append("Rows over several seeds show mean ± sample std; Seeds is their count (a single run shows its seed).")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-CSV_FIELDS = ["arch", "attention", "param", "classes", "params", "flops", "epochs", "top1", "top5",
+CSV_FIELDS = ["dataset", "arch", "attention", "param", "classes", "params", "flops", "epochs", "seeds",
+              "top1", "top1_std", "top5", "top5_std",
               "paper_top1", "paper_top5", "diff_top1", "diff_top5", "paper_source", "source"]
 
 
