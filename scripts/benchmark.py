@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from networks import IMAGENET_ARCHS, create_attention, create_net  # noqa: E402
+from networks import MODELS, create_attention, create_net, model_names  # noqa: E402
 from networks.attentions import simam_fused  # noqa: E402
 from networks.attentions.simam import SimAM  # noqa: E402
 
@@ -38,9 +38,10 @@ VARIANTS = ("none", "se", "cbam", "simam", "simam-eager", "simam-formula")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet50", choices=IMAGENET_ARCHS)
+    p.add_argument("--model", default="resnet50", choices=list(MODELS),
+                   help="an ImageNet or CIFAR arch (CIFAR: 100 classes, 32x32, plus the device loader's images/s)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224, help="input height and width of the network")
+    p.add_argument("--size", type=int, default=None, help="input height and width (default: 224; CIFAR archs 32)")
     p.add_argument("--module-shape", default="16,256,56,56", help="N,C,H,W of the module-alone tensor")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on the CPU, float16 on CUDA)")
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
         p.error(f"--module-shape wants four positive integers N,C,H,W, got {a.module_shape!r}")
     a.module_shape = shape
+    a.cifar = a.model in model_names("cifar")
+    a.size = a.size or (32 if a.cifar else 224)
     if min(a.batch, a.size, a.repeats) < 1 or a.warmup < 0:
         p.error("--batch, --size and --repeats must be >= 1, --warmup >= 0")
     try:
@@ -188,11 +191,12 @@ def bench_module(args):
 def bench_network(args):
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device).to(memory_format=fmt)
-    y = torch.randint(0, 1000, (args.batch,), device=args.device)
+    y = torch.randint(0, 100 if args.cifar else 1000, (args.batch,), device=args.device)
     models, opts, steps = {}, {}, {}
     for v in args.variants:
         torch.manual_seed(0)
-        m = create_net(args.model, "simam" if v.startswith("simam") else v, args.e_lambda if v.startswith("simam") else None)
+        m = create_net(args.model, "simam" if v.startswith("simam") else v, args.e_lambda if v.startswith("simam") else None,
+                       num_classes=100 if args.cifar else 1000)
         for mod in m.modules():
             if isinstance(mod, SimAM):
                 mod.impl = {"simam": None, "simam-eager": "eager", "simam-formula": "formula"}[v]
@@ -218,6 +222,23 @@ def bench_network(args):
         rows[v] = {**summary(ts), "img_per_s": args.batch / statistics.median(ts), "saved_bytes": saved.get("bytes", 0),
                    "peak_bytes": peak_memory(steps[v], args.device)}
     return rows
+
+
+def bench_cifar_loader(args, n=50000, epochs=2):
+    """images/s of main_cifar.py's device-resident loader (crop + flip + normalize on the device)."""
+    from utils.cifar import DeviceLoader, Split
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 100, (n,), generator=g))
+    loader = DeviceLoader(split, args.batch, seed=0, train=True, device=args.device)
+    times = []
+    for epoch in range(epochs):
+        sync(args.device)
+        t0 = time.perf_counter()
+        for x, _ in loader(epoch):
+            pass
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    return {"images": n, "batch": args.batch, "img_per_s": n / min(times)}
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -292,6 +313,10 @@ def main(argv=None):
         result["network"] = bench_network(args)
         print(f"\n## {args.model} training step, batch {args.batch}, {args.size}x{args.size}\n")
         print(network_table(result["network"]), flush=True)
+    if args.cifar:
+        result["cifar_loader"] = bench_cifar_loader(args)
+        print(f"\nCIFAR device loader (main_cifar.py): {result['cifar_loader']['img_per_s']:,.0f} images/s "
+              f"(random crop + flip + normalize on {args.device}, batch {args.batch}, 50,000 images)", flush=True)
     info["simam_compiled"] = simam_fused.compiled_available()
     info["load_average_after"] = os.getloadavg()
     print(f"\nload average before/after: {info['load_average_before'][0]:.2f} / {info['load_average_after'][0]:.2f}"
