@@ -123,7 +123,8 @@ def test_results_table_from_real_runs(e2e, capsys):
     md = (runs / "results.md").read_text()
     lines = [ln for ln in md.splitlines() if ln.startswith("| ResNet-18")]
     assert len(lines) == 2 and "| none |" in lines[0] and "SimAM (λ=0.1)" in lines[1]
-    assert "71.31 | 89.88" in lines[1] and "69.76 *" in lines[0]  # paper / torchvision figures
+    # 3-class runs are not ImageNet-1k: the paper's columns stay empty rather than compare apples with pears.
+    assert "| – | – | – | – |" in lines[0] and "| – | – | – | – |" in lines[1]
 
     script("make_table").main([str(runs), "--csv"])
     table = {r["source"]: r for r in map(dict, csv.DictReader(capsys.readouterr().out.splitlines()))}
@@ -135,10 +136,7 @@ def test_results_table_from_real_runs(e2e, capsys):
         assert row["epochs"] == "2/2"
         n_params = sum(p.numel() for p in create_net("resnet18", att, 0.1, num_classes=3).parameters())
         assert int(row["params"]) == n_params and int(row["classes"]) == 3
-        paper1 = PAPER[("resnet18", att)][0]
-        assert float(row["paper_top1"]) == paper1
-        assert float(row["diff_top1"]) == pytest.approx(best["val_acc1"] - paper1)
-    assert table[str(runs / RUN_NONE)]["paper_top5"] == ""  # torchvision reports no top-5 here
+        assert row["paper_top1"] == row["diff_top1"] == ""
 
 
 def test_curves_png_from_real_runs(e2e, tmp_path):
@@ -198,6 +196,8 @@ def test_eval_checkpoints_ours_and_reference_format(e2e, tmp_path, capsys):
 def test_paper_figures_only_for_the_papers_lambda():
     from utils.runs import table_row
     rows = {p: table_row("resnet50", "simam", p, 77.0, 93.0, "100/100", "run", num_classes=1000) for p in (0.1, 1e-4)}
+    tv = table_row("resnet18", "none", None, 70.0, 89.0, "100/100", "run", num_classes=1000)
+    assert (tv["paper_top1"], tv["paper_top5"], tv["paper_source"]) == (PAPER[("resnet18", "none")][0], None, "torchvision")
     assert (rows[0.1]["paper_top1"], rows[0.1]["paper_top5"]) == (77.45, 93.66)
     assert rows[0.1]["diff_top1"] == pytest.approx(77.0 - 77.45) and rows[0.1]["params"] == 25_557_032
     assert rows[1e-4]["paper_top1"] is None and rows[1e-4]["diff_top1"] is None

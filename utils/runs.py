@@ -123,10 +123,12 @@ def model_stats(arch, attention_type, attention_param, num_classes=1000, image_s
     return _STATS[key]
 
 
-def paper_figures(dataset, arch, attention_type, param):
+def paper_figures(dataset, arch, attention_type, param, num_classes=1000):
     """(top-1, top-5, source) the paper or the reference reports for this setting, or Nones."""
     if dataset != "imagenet":
         return PAPER_CIFAR.get((dataset, arch, attention_type, param), (None, None, None))
+    if num_classes != 1000:  # not ImageNet-1k (e.g. the demo data): nothing of the paper's to compare with
+        return None, None, None
     if attention_type in PAPER_PARAM and param != PAPER_PARAM[attention_type]:
         return None, None, None
     return PAPER.get((arch, attention_type), (None, None, None))
@@ -137,7 +139,7 @@ def table_row(arch, attention_type, attention_param, top1, top5, epochs, source,
     """One row of the comparison; attention_param None means the module's default."""
     param = effective_param(attention_type, attention_param)
     stats = model_stats(arch, attention_type, param, num_classes, IMAGE_SIZE.get(dataset, 224))
-    paper_top1, paper_top5, paper_src = paper_figures(dataset, arch, attention_type, param)
+    paper_top1, paper_top5, paper_src = paper_figures(dataset, arch, attention_type, param, num_classes)
     diff = lambda ours, ref: None if ours is None or ref is None else ours - ref  # noqa: E731
     return {"dataset": dataset, "arch": arch, "attention": attention_type, "param": param, "classes": num_classes,
             "params": stats["params"], "flops": stats["flops"], "epochs": epochs, "seeds": 1, "seed": seed,
