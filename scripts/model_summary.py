@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from networks import ATTENTION_CHOICES, create_net, model_names  # noqa: E402
+from networks.attentions import resolve_param  # noqa: E402
 from utils.args import Parser  # noqa: E402
 from utils.flops import profile_model  # noqa: E402
 
@@ -29,19 +30,11 @@ def summary_rows(dataset="imagenet", archs=None, attentions=None, attention_para
             for classes in spec["num_classes"]:
                 model = create_net(arch, attn, attention_param, num_classes=classes)
                 stats = profile_model(model, spec["image_size"])
-                row = dict(arch=arch, attention_type=attn, attention_param=_param(model, attn, attention_param))
+                row = dict(arch=arch, attention_type=attn, attention_param=resolve_param(attn, attention_param))
                 if dataset != "imagenet":
                     row["num_classes"] = classes
                 rows.append({**row, **stats})
     return rows
-
-
-def _param(model, attn, given):
-    """The parameter the modules really use (their default when none was given); None for no attention."""
-    if attn == "none":
-        return None
-    from networks.attentions import AttentionLayer
-    return AttentionLayer(attn, given).param
 
 
 def markdown(rows):

@@ -47,10 +47,8 @@ ATT_LABEL = {"none": "none", "se": "SE", "cbam": "CBAM", "simam": "SimAM"}
 
 def effective_param(attention_type, attention_param):
     """The module's parameter as the trainer resolves it (its default when not given)."""
-    if attention_type == "none":
-        return None
-    from networks.attentions import attention_layer
-    return attention_layer(attention_type, attention_param).param
+    from networks.attentions import resolve_param
+    return resolve_param(attention_type, attention_param)
 
 
 def attention_label(attention_type, param):

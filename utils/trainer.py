@@ -60,10 +60,8 @@ class Task:
 
 def effective_param(args):
     """--attention_param, or the module's own default when not given; None without attention."""
-    if args.attention_type == "none":
-        return None
-    from networks.attentions import attention_layer
-    return attention_layer(args.attention_type, args.attention_param).param
+    from networks.attentions import resolve_param
+    return resolve_param(args.attention_type, args.attention_param)
 
 
 def check_names(args, task):

@@ -40,16 +40,22 @@ class AttentionLayer:
     """A factory for one attention type and parameter: `layer(channels)` builds a module."""
 
     def __init__(self, name: str, param=None):
-        cls = _lookup(name)
         self.name = name
-        self.param = cls.default_param if param is None else param
-        self.placement = cls.placement
+        self.param = resolve_param(name, param)
+        self.placement = _lookup(name).placement
 
     def __call__(self, channels: int) -> nn.Module:
         return create_attention(self.name, channels, self.param)
 
     def __repr__(self):
         return f"AttentionLayer({self.name!r}, param={self.param!r}, placement={self.placement!r})"
+
+
+def resolve_param(name: Optional[str], param=None):
+    """The parameter a module really uses: `param`, or the module's default; None without attention."""
+    if name is None or name == "none":
+        return None
+    return _lookup(name).default_param if param is None else param
 
 
 def attention_layer(name: Optional[str], param=None) -> Optional[AttentionLayer]:
