@@ -64,8 +64,11 @@ def make_figure(runs, title=None):
     ax_acc.set_ylabel("top-1 accuracy (%)")
     ax_acc.legend(fontsize=8, loc="best")
     ax_loss.set_ylabel("cross-entropy loss")
+    losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "val_loss")]
+    if min(losses) > 0 and max(losses) > 20 * min(losses):
+        ax_loss.set_yscale("log")  # an early blow-up would flatten every other point
     ax_loss.legend(fontsize=8, loc="best")
-    ax_lr.set_ylabel("learning rate (at epoch start)")
+    ax_lr.set_ylabel("lr (epoch start)")
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("epoch" + ("   (dotted lines: lr drops)" if drops else ""))
     ax_lr.set_xlim(0.8, last + 0.2)

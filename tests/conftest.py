@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+REFERENCE_LAYOUTS = Path(__file__).resolve().parent / "data" / "official_state_dicts.json.gz"
+
+
+def reference_layouts():
+    """The reference code's state_dict layouts (a vendored copy, so a lone clone of the repository can run the suite)."""
+    import gzip
+    import json
+    return json.loads(gzip.decompress(REFERENCE_LAYOUTS.read_bytes()))
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -1,10 +1,9 @@
 """CIFAR backbones against the reference layout, the reference log and the reference forward rules."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
+
+from conftest import reference_layouts
 
 from networks import create_net
 from networks.attentions import attention_layer
@@ -15,9 +14,8 @@ from networks.cifar_resnet import BasicBlock
 from networks.cifar_wideresnet import WideBasicBlock, WideResNet
 from networks.registry import MODELS, model_names
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dicts.json"
 ATTNS = ["none", "se", "cbam", "simam"]
-OFFICIAL = json.loads(FIXTURE.read_text())["cifar"]
+OFFICIAL = reference_layouts()["cifar"]
 CIFAR_ARCHS = model_names("cifar")
 
 

@@ -1,24 +1,22 @@
 """Networks and attention registry against the reference layout, torchvision and the formulas."""
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from conftest import reference_layouts
+
 from networks import IMAGENET_ARCHS, create_net
 from networks.attentions import ATTENTIONS, create_attention
 from networks.attentions.simam import SimAM, simam_formula
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dicts.json"
 ATTNS = ["none", "se", "cbam", "simam"]
 
 
 @pytest.fixture(scope="module")
 def official():
-    return json.loads(FIXTURE.read_text())["imagenet"]
+    return reference_layouts()["imagenet"]
 
 
 def test_fixture_covers_every_combination(official):
@@ -179,3 +177,4 @@ def test_cbam_formula():
     z = (conv - 0.3) / torch.sqrt(torch.tensor(2.0 + bn.eps)) * bn.weight + bn.bias
     torch.testing.assert_close(cbam(x), y * torch.sigmoid(z))
     assert bn.momentum == 0.01
+

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -161,7 +160,6 @@ def test_curves_png_from_real_runs(e2e, tmp_path):
         assert im.size == (1080, 1200)
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 50  # lines and text, not a blank canvas
-    shutil.copyfile(out, "/tmp/curves_example.png")
 
 
 def test_lr_drops_are_found_in_step_schedules_only():
