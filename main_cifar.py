@@ -13,12 +13,11 @@ Docs: README.md ("CIFAR-10 / CIFAR-100").
 import argparse
 import functools
 import math
-import sys
 
 import torch
 
 from networks import ATTENTION_CHOICES, create_net, model_names
-from utils import UserError, error_line
+from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import parse_args
 from utils.cifar import DeviceLoader, read_classes, read_split
@@ -103,14 +102,12 @@ def make_task(args):
 
 
 def main(argv=None):
-    try:
+    def go():
         args = parse_args(get_args_parser(), argv)
         if args.test_batch_size < 1:
             raise UserError(f"--test-batch-size must be at least 1, got {args.test_batch_size}")
         return run(args, make_task(args))
-    except UserError as e:
-        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    return cli_main(go)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@
 Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
 Docs: README.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
 """
-import sys
-
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
-from utils import UserError, error_line
+from utils import cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import parse_args
 from utils.data import SafeImageFolder, check_data_root, collate_skipping, imagenet_transforms
@@ -54,12 +52,7 @@ TASK = Task(name="imagenet", archs=IMAGENET_ARCHS, attentions=ATTENTION_CHOICES,
 
 
 def main(argv=None):
-    try:
-        args = parse_args(get_args_parser(), argv)
-        return run(args, TASK)
-    except UserError as e:
-        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    return cli_main(lambda: run(parse_args(get_args_parser(), argv), TASK))
 
 
 if __name__ == "__main__":

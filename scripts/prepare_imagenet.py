@@ -27,6 +27,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.imagefiles import SymlinkLoop, walk_images  # noqa: E402
+
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SYNSET = re.compile(r"^n\d{8}$")
 IMAGENET = {"classes": 1000, "train": 1_281_167, "val_per_class": 50}
@@ -134,15 +137,19 @@ def prepare_val(val_dir, labels_path, out=None, mode="move", synsets=None, dry_r
 # ---------------------------------------------------------------- checking a dataset
 
 def count_split(split):
-    """{class: number of images} of an ImageFolder split, and the number of flat images beside them."""
-    counts, flat = {}, 0
+    """{class: number of images} of an ImageFolder split (as the trainer lists them), the number of
+    flat images beside them, and the directory symlink loops found (the trainer refuses those)."""
+    counts, flat, loops = {}, 0, []
     for e in os.scandir(split):
         if e.is_dir():
-            with os.scandir(e.path) as it:
-                counts[e.name] = sum(1 for f in it if is_image(f.name))
+            try:
+                counts[e.name] = len(walk_images(e.path, is_image))
+            except SymlinkLoop as err:
+                counts[e.name] = 0
+                loops.append(str(err))
         elif is_image(e.name):
             flat += 1
-    return counts, flat
+    return counts, flat, loops
 
 
 def check_dataset(data, classes=1000, train_total=None, val_per_class=None):
@@ -161,8 +168,9 @@ def check_dataset(data, classes=1000, train_total=None, val_per_class=None):
         if not (data / split).is_dir():
             problems.append(f"{data / split} is missing (expected {data}/{split}/<class>/<image>)")
             continue
-        counts, flat = count_split(data / split)
+        counts, flat, loops = count_split(data / split)
         found[split] = counts
+        problems += loops
         if flat:
             fix = " (sort them with: prepare_imagenet.py DATA/val LABELS)" if split == "val" else ""
             problems.append(f"{data / split} holds {flat} images outside class folders{fix}")

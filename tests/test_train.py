@@ -38,7 +38,7 @@ def load(path):
 
 
 def acc_line(proc):
-    m = re.search(r"Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3}) Loss (\d+\.\d+) \((\d+) images", proc.stdout)
+    m = re.search(r"Acc@1 (\d+\.\d{3}) Acc@\d (\d+\.\d{3}) Loss (\d+\.\d+) \((\d+) images", proc.stdout)
     assert m, proc.stdout[-2000:] + proc.stderr[-2000:]
     return m.group(1), m.group(2), float(m.group(3)), int(m.group(4))
 

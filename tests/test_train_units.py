@@ -85,6 +85,20 @@ def test_training_order_and_augmentation_depend_only_on_seed_and_epoch(tiny_data
     assert not torch.equal(a[0], epoch_batches(1, seed=6)[0])
 
 
+def test_a_resumed_epoch_starts_at_its_batch_without_loading_the_others(tiny_data):
+    """loader(epoch, start_batch=k): the uninterrupted epoch's batches k, k+1, ... (same samples in
+    the same order), and the first k batches are never read."""
+    _, val_tf = imagenet_transforms(32, 36, 32)
+    ds = SafeImageFolder(tiny_data / "train", val_tf)  # no random augmentation: whole batches compare
+    loader = EpochLoader(ds, 4, 0, seed=5, collate_fn=collate_skipping)
+    full = list(loader(3))
+    read = []
+    ds.loader = lambda path, real=ds.loader: read.append(path) or real(path)
+    rest = list(loader(3, start_batch=2))
+    assert len(loader) == len(full) == 6 and len(rest) == 4 and len(read) == 16
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(rest, full[2:]))
+
+
 # ---- the loop --------------------------------------------------------------------------------
 
 @pytest.fixture

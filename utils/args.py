@@ -52,6 +52,8 @@ def get_args_parser(description="Train or evaluate an image classifier", add_hel
     p.add_argument("--ckpt", default="checkpoints", metavar="DIR", help="folder of run folders (default: checkpoints)")
     p.add_argument("--gpu", default=None, metavar="IDS",
                    help="GPU ids, e.g. 0 or 0,1,2,3 (one process uses the first; -1: CPU)")
+    p.add_argument("--save-every-minutes", default=None, type=float, metavar="M", dest="save_every_minutes",
+                   help="also write the checkpoint every M minutes inside an epoch (long epochs)")
     p.add_argument("--save_weights", default=None, metavar="PATH",
                    help="write the --resume checkpoint's weights as a plain state_dict and exit")
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision (default: off)")
@@ -83,10 +85,45 @@ def load_config(parser, path):
     for key, value in cfg.items():
         if key not in actions:
             raise UserError(f"unknown key {key!r} in config file {path}")
+        expected = _expected_type(actions[key])
+        if not _is_a(value, expected):
+            raise UserError(f"config file {path}: {key} = {value!r} is {_toml_kind(value)}, "
+                            f"expected {_describe(expected)}")
         choices = actions[key].choices
         if choices is not None and value not in choices:
             raise UserError(f"config file {path}: {key} = {value!r}, expected one of {', '.join(map(str, choices))}")
     return cfg
+
+
+_KINDS = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expected_type(action):
+    """(type, is_list) a config key must have: what its command-line flag parses to."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return bool, False
+    return (action.type if action.type in (int, float) else str), action.nargs in ("+", "*")
+
+
+def _describe(expected):
+    kind, is_list = expected
+    return f"a list of {_KINDS[kind].split(' ')[1]}s" if is_list else _KINDS[kind]
+
+
+def _is_a(value, expected):
+    kind, is_list = expected
+    if is_list:
+        return isinstance(value, list) and all(_is_a(v, (kind, False)) for v in value)
+    if isinstance(value, bool) or kind is bool:  # TOML's true is not the number 1, nor "false" a boolean
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _toml_kind(value):
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
 
 
 def parse_gpu_ids(text):

@@ -12,24 +12,30 @@ import numpy as np
 import torch
 
 from . import UserError
+from .preempt import deferred_signals
 
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, flush + fsync, then rename over `path`.
 
     rename is atomic on POSIX, so a kill at any moment leaves either the old or the new file.
+    Ctrl-C and the stop signals are held until the file is in place (then delivered).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with deferred_signals():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def load_checkpoint(path):
@@ -88,7 +94,15 @@ def load_model_weights(model, ckpt, path):
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
         raise UserError(f"checkpoint {path} does not fit this model (another arch or attention type?): "
                         + "; ".join(parts))
+    check_finite(sd, path)
     model.load_state_dict(sd, strict=True)
+
+
+def check_finite(state_dict, path):
+    """Refuse weights holding NaN or infinity: they would evaluate to a plausible-looking number."""
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"checkpoint {path} holds non-finite values (NaN or inf) in {k}: refusing to use it")
 
 
 def best_acc(ckpt):

@@ -239,6 +239,19 @@ def epoch_draws(n, seed, epoch, pad=4):
     return order, offsets, flips
 
 
+class Batches:
+    """An iterable with a length: what a loader returns for one epoch."""
+
+    def __init__(self, make_iter, length):
+        self.make_iter, self.length = make_iter, max(0, length)
+
+    def __iter__(self):
+        return self.make_iter()
+
+    def __len__(self):
+        return self.length
+
+
 class DeviceLoader:
     """EpochLoader's interface (`loader(epoch)` is iterable and has a len) over a Split on `device`.
 
@@ -260,9 +273,10 @@ class DeviceLoader:
         self.count = n // world_size if train else (rank + 1) * n // world_size - rank * n // world_size
         self.epoch = 0
 
-    def __call__(self, epoch=0):
+    def __call__(self, epoch=0, start_batch=0):
+        """The epoch's batches from `start_batch` on (a mid-epoch resume skips the ones it trained on)."""
         self.epoch = epoch
-        return self
+        return Batches(lambda: self.batches(start_batch, epoch), len(self) - start_batch)
 
     def __len__(self):
         full, rest = divmod(self.count, self.batch_size)
@@ -277,12 +291,16 @@ class DeviceLoader:
         return order[self.rank::self.world_size][:self.count]
 
     def __iter__(self):
+        return self.batches(0)
+
+    def batches(self, start=0, epoch=None):
+        epoch = self.epoch if epoch is None else epoch
         n = len(self.labels)
-        idx = self.indices().to(self.device)
+        idx = self.indices(epoch).to(self.device)
         if self.train:
-            _, offsets, flips = epoch_draws(n, self.seed, self.epoch, self.pad)
+            _, offsets, flips = epoch_draws(n, self.seed, epoch, self.pad)
             offsets, flips = offsets.to(self.device), flips.to(self.device)
-        for k in range(len(self)):
+        for k in range(start, len(self)):
             i = idx[k * self.batch_size:(k + 1) * self.batch_size]
             x = self.images[i]
             if self.train:

@@ -6,6 +6,7 @@ returns the next readable sample instead (so batch sizes, and DDP's collective c
 on every rank) and reports the bad path with the batch; the loop counts and logs them. More than
 `MAX_BAD_IN_A_ROW` unreadable files in a row stops the run: that is a broken folder, not a bad file.
 """
+import itertools
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from torch.utils.data._utils.collate import default_collate
 from torchvision import datasets, transforms
 
 from . import UserError
+from .imagefiles import walk_images
+from .preempt import end_workers_at_exit, ignore_stop_signals_in_worker
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +75,16 @@ def check_data_root(data, need_train=True):
 
 
 class SafeImageFolder(datasets.ImageFolder):
-    """ImageFolder whose items are (image, target, skipped_paths): see the module docstring."""
+    """ImageFolder whose items are (image, target, skipped_paths): see the module docstring.
+
+    Files are listed in ImageFolder's order, but a directory symlink loop is an error (utils.imagefiles).
+    """
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        is_image = is_valid_file or (lambda name: name.lower().endswith(tuple(extensions)))
+        return [(path, class_to_idx[c]) for c in sorted(class_to_idx)
+                for path in walk_images(os.path.join(directory, c), is_image)]
 
     def __getitem__(self, index):
         skipped = []
@@ -115,11 +127,27 @@ def worker_seed(seed, epoch, rank):
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63)
 
 
+class SkipFirst(Sampler):
+    """The indices of `sampler` after its first `n`: a resumed epoch loads none of the batches it
+    already trained on, and the rest come in the uninterrupted epoch's order."""
+
+    def __init__(self, sampler, n):
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.n, None)
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.n)
+
+
 class EpochLoader:
     """A DataLoader whose shuffling and worker seeds depend only on (seed, epoch, rank).
 
-    `loader(epoch)` returns the DataLoader for that epoch; training samplers are DistributedSampler
-    (with world_size 1 in a single process) so the order is a function of (seed, epoch).
+    `loader(epoch, start_batch=0)` returns the DataLoader for that epoch from batch `start_batch`
+    on (a mid-epoch resume); `len(loader)` is the full epoch's number of batches. Training samplers
+    are DistributedSampler (with world_size 1 in a single process), so the order is a function of
+    (seed, epoch).
     """
 
     def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
@@ -129,19 +157,23 @@ class EpochLoader:
                                               shuffle=True, seed=seed, drop_last=False)
         else:
             self.sampler = ShardSampler(len(dataset), rank, world_size)
+        if workers:
+            end_workers_at_exit()
         self.generator = torch.Generator()
-        self.seed, self.rank = seed, rank
-        self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-            pin_memory=pin_memory, drop_last=train,  # train: no 1-image batches for BatchNorm
-            generator=self.generator, collate_fn=collate_fn,
-            persistent_workers=False)  # fresh workers each epoch, seeded from that epoch's generator
+        self.seed, self.rank, self.batch_size = seed, rank, batch_size
+        self.options = dict(dataset=dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                            drop_last=train,  # train: no 1-image batches for BatchNorm
+                            generator=self.generator, collate_fn=collate_fn,
+                            worker_init_fn=ignore_stop_signals_in_worker,
+                            persistent_workers=False)  # fresh workers each epoch, seeded from that epoch's generator
 
-    def __call__(self, epoch=0):
+    def __call__(self, epoch=0, start_batch=0):
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         self.generator.manual_seed(worker_seed(self.seed, epoch, self.rank))
-        return self.loader
+        sampler = SkipFirst(self.sampler, start_batch * self.batch_size) if start_batch else self.sampler
+        return DataLoader(sampler=sampler, **self.options)
 
     def __len__(self):
-        return len(self.loader)
+        n, b = len(self.sampler), self.batch_size
+        return n // b if self.options["drop_last"] else -(-n // b)

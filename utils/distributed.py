@@ -56,6 +56,15 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (a decision rank 0 took alone)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def broadcast_buffers(model):
     """Give every rank rank 0's buffers (BatchNorm statistics). DDP broadcasts them at the start of
     each forward, so after the last training step every rank has updated its own copy once."""

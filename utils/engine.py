@@ -59,22 +59,35 @@ def _topk_correct(output, target, ks):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *, scaler=None,
-                    amp_dtype=None, channels_last=False, print_freq=10, logger=None):
+                    amp_dtype=None, channels_last=False, print_freq=10, logger=None,
+                    start_iter=0, sums=None, boundary=None):
     """One pass over `loader`; sets the lr from lr_fn(epoch, it) before every step.
 
-    Returns {loss, acc1, images, skipped, time, lr} summed over ranks. Raises NonFiniteLossError
-    (checked every print_freq iterations and at the end, without a per-step host sync).
+    Mid-epoch resume: `loader` yields the epoch's batches from `start_iter` on, and `sums` are the
+    running sums an interrupted call returned. `boundary(done, get_sums)` is called after every step
+    (done: batches of this epoch finished); when it returns True the epoch stops there.
+
+    Returns {loss, acc1, images, skipped, time, lr, interrupted, iteration, sums}, the figures summed
+    over ranks (an interrupted call returns only `interrupted`, `iteration` and this rank's `sums`).
+    Raises NonFiniteLossError (checked every print_freq iterations and at the end, without a
+    per-step host sync).
     """
     logger = logger or RunLogger()
     model.train()
-    n_iter = len(loader)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen, skipped = 0, []
-    bar = logger.progress(n_iter, f"epoch {epoch + 1}")
+    n_iter = len(loader) + start_iter  # the loader serves the batches still to do
+    sums = dict({"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "time": 0.0}, **(sums or {}))
+    loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
+    correct = torch.tensor(sums["correct"], dtype=torch.int64, device=device)
+    seen, skipped = sums["seen"], []
+    bar = logger.progress(n_iter, f"epoch {epoch + 1}", initial=start_iter)
     start = time.time()
-    lr = lr_fn(epoch, 0)
-    for it, batch in enumerate(loader):
+
+    def current_sums():  # this rank's running sums (syncs with the device)
+        return {"loss": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
+                "skipped": sums["skipped"] + len(skipped), "time": sums["time"] + time.time() - start}
+
+    lr = lr_fn(epoch, start_iter)
+    for it, batch in enumerate(loader, start=start_iter):
         images, target, bad = _unpack(batch, device, channels_last)
         skipped += bad
         lr = lr_fn(epoch, it)
@@ -99,7 +112,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
         if it % print_freq == 0 or it == n_iter - 1:
             avg = loss_sum.item() / seen
             if not math.isfinite(avg):
-                raise NonFiniteLossError(f"loss is {avg} at epoch {epoch}, iteration {it}: stopping")
+                raise NonFiniteLossError(f"loss is {avg} at epoch {epoch + 1}, iteration {it}: stopping")
             line = (f"Epoch: [{epoch + 1}][{it:>{len(str(n_iter))}}/{n_iter}]  lr {lr:.5f}  "
                     f"loss {avg:.4f}  acc@1 {100 * correct.item() / seen:6.2f}")
             if bar is not None:
@@ -109,18 +122,23 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
                 logger.info(line)
         if bar is not None:
             bar.update(1)
+        if boundary is not None and it + 1 < n_iter and boundary(it + 1, current_sums):
+            logger.end_progress()
+            return {"interrupted": True, "iteration": it + 1, "sums": current_sums(), "lr": lr}
     logger.end_progress()
     for p in skipped[:5]:
         logger.info(f"skipped unreadable image: {p}")
+    total = current_sums()
     loss_total, correct_total, count, skipped_total = all_reduce_sum(
-        [loss_sum.item(), correct.item(), seen, len(skipped)], device)
+        [total["loss"], total["correct"], total["seen"], total["skipped"]], device)
     if count == 0:
         raise UserError("the training loader yielded no batches (fewer images than the batch size?)")
     avg = loss_total / count
     if not math.isfinite(avg):
-        raise NonFiniteLossError(f"loss is {avg} at epoch {epoch}: stopping")
+        raise NonFiniteLossError(f"loss is {avg} at epoch {epoch + 1}: stopping")
     return {"loss": avg, "acc1": 100 * correct_total / count, "images": int(count),
-            "skipped": int(skipped_total), "time": time.time() - start, "lr": lr}
+            "skipped": int(skipped_total), "time": total["time"], "lr": lr,
+            "interrupted": False, "iteration": n_iter, "sums": total}
 
 
 @torch.no_grad()

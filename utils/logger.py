@@ -1,5 +1,4 @@
-"""Rank-0 output: console lines, a human-readable log.txt, metrics.jsonl and tqdm progress bars."""
-import json
+"""Rank-0 output: console lines, a human-readable log.txt and tqdm progress bars."""
 import sys
 from pathlib import Path
 
@@ -33,24 +32,10 @@ class RunLogger:
             with open(self.folder / "log.txt", "a") as f:
                 f.write(msg + "\n")
 
-    def metrics(self, row):
-        if self.enabled and self.folder is not None:
-            with open(self.folder / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def truncate_metrics(self, completed):
-        """On resume, drop rows of epochs after `completed` (a crash may have left them)."""
-        path = self.folder / "metrics.jsonl" if self.folder is not None else None
-        if not self.enabled or path is None or not path.exists():
-            return
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= completed]
-        path.write_text("".join(r + "\n" for r in rows))
-
-    def progress(self, total, desc):
+    def progress(self, total, desc, initial=0):
         """A tqdm bar on a terminal, else None. Close it with end_progress()."""
         if self.tty:
-            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True)
         return self._bar
 
     def end_progress(self):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,14 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import UserError
+from . import UserError, runfolder
 from .args import parse_gpu_ids, run_name
 from .checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
                          rng_state, save_atomic, set_rng_state)
 from .data import EpochLoader
-from .distributed import all_reduce_sum, barrier, broadcast_buffers, cleanup, init_distributed
+from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
+                          init_distributed)
 from .engine import NonFiniteLossError, evaluate, train_one_epoch
 from .logger import RunLogger
+from .preempt import Preempted, StopFlags
 from .schedule import schedule_from_args
 
 
@@ -64,11 +65,17 @@ def effective_param(args):
     return resolve_param(args.attention_type, args.attention_param)
 
 
-def check_names(args, task):
+def check_args(args, task):
+    """Every check that needs no data and no model: names, files, numbers."""
     if args.arch not in task.archs:
         raise UserError(f"unknown arch {args.arch!r}; choose one of: {', '.join(task.archs)}")
     if args.attention_type not in task.attentions:
         raise UserError(f"unknown attention type {args.attention_type!r}; choose one of: {', '.join(task.attentions)}")
+    from networks.attentions import attention_layer
+    try:  # each module checks its own parameter (a reduction >= 1, a lambda > 0, ...)
+        attention_layer(args.attention_type, args.attention_param)
+    except ValueError as e:
+        raise UserError(f"--attention_param: {e}") from None
     if args.resume and not Path(args.resume).is_file():
         raise UserError(f"--resume checkpoint not found: {args.resume}")
     if (args.evaluate or args.save_weights) and not args.resume:
@@ -76,8 +83,17 @@ def check_names(args, task):
     for flag, v in (("--epochs", args.epochs), ("-b", args.batch_size), ("-p", args.print_freq)):
         if v < 1:
             raise UserError(f"{flag} must be at least 1, got {v}")
-    if args.workers < 0:
-        raise UserError(f"-j must be >= 0, got {args.workers}")
+    for flag, v in (("-j", args.workers), ("--lr", args.lr), ("--momentum", args.momentum),
+                    ("--wd", args.weight_decay), ("--warmup-epochs", args.warmup_epochs)):
+        if not (math.isfinite(v) and v >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.save_every_minutes is not None and not args.save_every_minutes > 0:
+        raise UserError(f"--save-every-minutes must be > 0, got {args.save_every_minutes}")
+    for flag in ("train_crop_size", "val_resize_size", "val_crop_size"):
+        if getattr(args, flag, 1) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
 
 
 def num_classes_of(state_dict):
@@ -119,11 +135,26 @@ def save_weights(args, task):
     print(f"=> wrote plain state_dict of {args.resume} to {args.save_weights}")
 
 
+def check_device(args, gpu_ids):
+    """Say so when the device asked for is not there; refuse what cannot work on it."""
+    cuda = torch.cuda.is_available()
+    if gpu_ids and not cuda:
+        print(f"warning: --gpu {args.gpu}: CUDA is not available on this machine; running on the CPU",
+              file=sys.stderr, flush=True)
+    if gpu_ids and cuda and max(gpu_ids) >= torch.cuda.device_count():
+        raise UserError(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPUs (ids 0.."
+                        f"{torch.cuda.device_count() - 1})")
+    if args.amp == "fp16" and (not cuda or gpu_ids == []):
+        raise UserError("--amp fp16 needs a GPU (on the CPU it is many times slower and overflows to NaN); "
+                        "use --amp bf16 there")
+
+
 def run(args, task):
-    check_names(args, task)
+    check_args(args, task)
     if args.save_weights:
         return save_weights(args, task)
     gpu_ids = parse_gpu_ids(args.gpu)
+    check_device(args, gpu_ids)
     info = init_distributed(gpu_ids)
     result = _run(args, task, info, gpu_ids)
     # Only on success: after an error on one rank, destroy_process_group could wait forever for
@@ -150,32 +181,30 @@ def _run(args, task, info, gpu_ids):
         classes = task.classes(args)
     logger.info(f"data: {getattr(args, 'data', None) or task.name} ({len(classes)} classes)")
 
-    # One seed for all ranks: the sampler's shuffle must agree across ranks.
-    if args.seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") >> 1 if info.is_main else 0
-        seed = int(all_reduce_sum([seed], device)[0])
-    else:
-        seed = args.seed
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
+    seed = choose_seed(args, ckpt, device, info)
     seed_everything(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = args.seed is not None
 
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None:
-        check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
-
-    run_dir = None
+    run_dir = folder_lock = None
     if not args.evaluate:
         run_dir = Path(args.ckpt) / run_name(task.name, args.arch, args.attention_type,
                                               effective_param(args), args.seed)
+        state, folder_lock = open_run_folder(run_dir, args, ckpt, info, logger)
+        if state == "finished":
+            return {"best_acc1": state_best(run_dir), "run_dir": run_dir, "finished": True}
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             settings = dict(vars(args), seed_used=seed, world_size=info.world_size, classes=len(classes))
             (run_dir / "args.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
         logger = RunLogger(run_dir, enabled=info.is_main)
         logger.info(f"run folder: {run_dir}")
         logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=seed), default=str)}")
+        if len(classes) == 1:
+            logger.info("warning: the data has 1 class: every accuracy will be 100%")
 
     model = task.model(args, len(classes))
     print_model_summary(model, args, task, logger)
@@ -195,11 +224,12 @@ def _run(args, task, info, gpu_ids):
     pin = device.type == "cuda"
     val_loader = task.loader(val_set, batch, workers, seed, info.rank, info.world_size, train=False,
                              pin_memory=pin, collate_fn=task.collate_fn)
+    top_k = min(5, len(classes))  # Acc@5 of fewer than 5 classes is top-all: say which
 
     if args.evaluate:
         va = evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
                       channels_last=args.channels_last, logger=logger)
-        logger.info(f" * Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f} Loss {va['loss']:.4f} "
+        logger.info(f" * Acc@1 {va['acc1']:.3f} Acc@{top_k} {va['acc5']:.3f} Loss {va['loss']:.4f} "
                     f"({va['count']} images, {args.resume})")
         if va["skipped"]:
             logger.info(f"   {va['skipped']} unreadable images were skipped")
@@ -214,9 +244,12 @@ def _run(args, task, info, gpu_ids):
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     lr_fn = task.schedule(args, len(train_loader))
 
-    start_epoch, best_acc1 = 0, 0.0
+    start_epoch, start_iter, sums, best_acc1, best_epoch, rows = 0, 0, None, 0.0, None, []
     if ckpt is not None:
-        start_epoch, best_acc1 = int(ckpt.get("epoch", 0)), best_acc(ckpt)
+        (start_epoch, start_iter), best_acc1 = runfolder.progress(ckpt), best_acc(ckpt)
+        best_epoch, rows = ckpt.get("best_epoch"), list(ckpt.get("metrics", []))
+        if start_iter and info.is_main:  # the epoch's running sums were saved over all ranks
+            sums = ckpt.get("epoch_sums")
         if "optimizer" in ckpt:
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -226,46 +259,159 @@ def _run(args, task, info, gpu_ids):
             scaler.load_state_dict(ckpt["scaler"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
-        logger.info(f"=> resumed from {args.resume} (epoch {start_epoch}, best Acc@1 {best_acc1:.3f})")
-    logger.truncate_metrics(start_epoch)  # a fresh run starts an empty metrics.jsonl
+        logger.info(f"=> resumed from {args.resume} ({runfolder.describe((start_epoch, start_iter), args.epochs)}, "
+                    f"best Acc@1 {best_acc1:.3f})")
+        if not rows and info.is_main:  # older checkpoints carry no rows: keep the file's
+            rows = runfolder.read_rows(run_dir / runfolder.METRICS)
     del ckpt
 
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        try:
-            tr = train_one_epoch(train_model, train_loader(epoch), criterion, optimizer, lr_fn, epoch, device,
-                                 scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                                 print_freq=args.print_freq, logger=logger)
-        except NonFiniteLossError as e:
-            kept = run_dir / "checkpoint.pth.tar"
-            raise UserError(f"{e}; last good checkpoint kept: "
-                            f"{kept if kept.exists() else 'none yet'}") from None
-        broadcast_buffers(raw)  # every rank evaluates exactly the weights rank 0 saves
-        va = evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
-                      channels_last=args.channels_last, logger=logger)
-        is_best = va["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, va["acc1"])
-        if info.is_main:
-            state = {"epoch": epoch + 1, "arch": args.arch, "attention_type": args.attention_type,
-                     "attention_param": effective_param(args), "num_classes": len(classes),
-                     "state_dict": raw.state_dict(), "best_acc1": best_acc1,
-                     "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "rng": rng_state(), "args": json.loads(json.dumps(vars(args), default=str))}
-            save_atomic(state, run_dir / "checkpoint.pth.tar")
+    flags = StopFlags(device, info.distributed, agree_every=args.print_freq,
+                      save_every_minutes=args.save_every_minutes, is_main=info.is_main).install()
+
+    def checkpoint_state(epoch, iteration=0, epoch_sums=None):
+        return {"epoch": epoch, "iteration": iteration, "arch": args.arch, "attention_type": args.attention_type,
+                "attention_param": effective_param(args), "num_classes": len(classes), "seed": seed,
+                "state_dict": raw.state_dict(), "best_acc1": best_acc1, "best_epoch": best_epoch,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(), "metrics": rows, "epoch_sums": epoch_sums,
+                "args": json.loads(json.dumps(vars(args), default=str))}
+
+    def boundary(epoch):
+        def at(done, get_sums):
+            stop, save = flags.poll(done)
+            if stop or save:
+                # The checkpoint holds the sums over all ranks; a resumed rank 0 carries them on.
+                s = get_sums()
+                keys = sorted(s)
+                totals = dict(zip(keys, all_reduce_sum([s[k] for k in keys], device)))
+                if info.is_main:
+                    save_atomic(checkpoint_state(epoch, done, totals), run_dir / runfolder.CHECKPOINT)
+                flags.saved()
+                barrier()
+                if not stop:
+                    logger.info(f"saved {run_dir / runfolder.CHECKPOINT} at epoch {epoch + 1}, iteration "
+                                f"{done}/{len(train_loader)} (--save-every-minutes)")
+            return stop
+        return at
+
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            first = epoch == start_epoch
+            try:
+                tr = train_one_epoch(train_model, train_loader(epoch, start_iter if first else 0), criterion,
+                                     optimizer, lr_fn, epoch, device, scaler=scaler, amp_dtype=amp_dtype,
+                                     channels_last=args.channels_last, print_freq=args.print_freq, logger=logger,
+                                     start_iter=start_iter if first else 0, sums=sums if first else None,
+                                     boundary=boundary(epoch))
+            except NonFiniteLossError as e:
+                raise UserError(f"{e}; last good checkpoint kept: {last_good(run_dir)}") from None
+            except ValueError as e:
+                if "Expected more than 1 value per channel" not in str(e):
+                    raise
+                raise UserError(f"-b {args.batch_size}: {batch} image(s) per process meet a 1x1 feature map, where "
+                                f"BatchNorm needs more than one value per channel; raise -b or the crop size") from None
+            if tr["interrupted"]:
+                raise stopped(flags.signum, epoch, tr["iteration"], len(train_loader), run_dir, logger)
+            broadcast_buffers(raw)  # every rank evaluates exactly the weights rank 0 saves
+            t_val = time.time()
+            va = evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
+                          channels_last=args.channels_last, logger=logger)
+            if not math.isfinite(va["loss"]):
+                raise UserError(f"validation loss is {va['loss']} at epoch {epoch + 1}: stopping; "
+                                f"last good checkpoint kept: {last_good(run_dir)}")
+            is_best = va["acc1"] > best_acc1 or (best_epoch is None and best_acc1 == 0)  # a fresh run's first
             if is_best:
-                tmp = run_dir / "model_best.pth.tar.tmp"
-                shutil.copyfile(run_dir / "checkpoint.pth.tar", tmp)
-                os.replace(tmp, run_dir / "model_best.pth.tar")
-        row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"], "train_acc1": tr["acc1"],
-               "val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"],
-               "epoch_time": time.time() - t0, "images_per_sec": tr["images"] / tr["time"],
-               "skipped_images": tr["skipped"] + va["skipped"]}
-        logger.metrics(row)
-        logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f} acc@1 {tr['acc1']:.2f} | "
-                    f"val loss {va['loss']:.4f} Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f} | "
-                    f"best {best_acc1:.3f} | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
-                    + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
-        barrier()  # no rank starts the next epoch before rank 0 has its checkpoint on disk
+                best_acc1, best_epoch = va["acc1"], epoch + 1
+            row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"], "train_acc1": tr["acc1"],
+                   "val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"],
+                   "epoch_time": tr["time"] + time.time() - t_val,
+                   "images_per_sec": tr["images"] / tr["time"], "skipped_images": tr["skipped"] + va["skipped"]}
+            rows.append(row)
+            if info.is_main:
+                # Order matters for a kill in between: the checkpoint carries every row and the best
+                # epoch, so a resume rewrites metrics.jsonl and model_best from it (runfolder.repair).
+                save_atomic(checkpoint_state(epoch + 1), run_dir / runfolder.CHECKPOINT)
+                if is_best:
+                    runfolder.copy_atomic(run_dir / runfolder.CHECKPOINT, run_dir / runfolder.BEST)
+                runfolder.append_row(run_dir / runfolder.METRICS, row)
+            flags.saved()
+            logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f} acc@1 {tr['acc1']:.2f} | "
+                        f"val loss {va['loss']:.4f} Acc@1 {va['acc1']:.3f} Acc@{top_k} {va['acc5']:.3f} | "
+                        f"best {best_acc1:.3f} | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
+                        + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
+            barrier()  # no rank starts the next epoch before rank 0 has its checkpoint on disk
+            if epoch + 1 < args.epochs and flags.poll(0, force=True)[0]:
+                raise stopped(flags.signum, epoch + 1, 0, len(train_loader), run_dir, logger)
+    finally:
+        flags.uninstall()
     logger.info(f"done: best Acc@1 {best_acc1:.3f}; run folder: {run_dir}")
+    if folder_lock is not None:  # rank 0's
+        folder_lock.close()
     return {"best_acc1": best_acc1, "run_dir": run_dir}
+
+
+def choose_seed(args, ckpt, device, info):
+    """--seed, else the seed the resumed run used, else a fresh one; the same on every rank."""
+    recorded = ckpt.get("seed") if isinstance(ckpt, dict) else None
+    if args.seed is not None:
+        if recorded is not None and int(recorded) != args.seed:
+            raise UserError(f"--seed {args.seed}, but {args.resume} was trained with seed {recorded}: "
+                            f"resume without --seed (or with --seed {recorded})")
+        return args.seed
+    if recorded is not None:
+        return int(recorded)
+    seed = int.from_bytes(os.urandom(4), "little") >> 1 if info.is_main else 0
+    return int(all_reduce_sum([seed], device)[0])  # rank 0's: the sampler's shuffle must agree across ranks
+
+
+def open_run_folder(run_dir, args, ckpt, info, logger):
+    """Rank 0 locks the folder, decides (runfolder.decide) and repairs it; every rank gets the decision.
+
+    Returns (state, lock file or None); raises the same UserError on every rank when refused.
+    """
+    lock, decision = None, None
+    if info.is_main:
+        try:
+            lock = runfolder.lock(run_dir)
+            runfolder.remove_stale_temporaries(run_dir, logger.info)
+            state = runfolder.decide(run_dir, args.resume, ckpt, args.epochs)
+            if state == "finished":
+                logger.info(f"run {run_dir} is already finished ({args.epochs}/{args.epochs} epochs, best Acc@1 "
+                            f"{state_best(run_dir):.3f}): nothing to do (raise --epochs to train on)")
+            elif state == "resume":
+                own = (run_dir / runfolder.CHECKPOINT).is_file() and \
+                    os.path.samefile(args.resume, run_dir / runfolder.CHECKPOINT)
+                runfolder.repair(run_dir, ckpt, own, logger.info)
+            else:
+                runfolder.write_rows(run_dir / runfolder.METRICS, [])  # a fresh run: no rows yet
+            decision = ("ok", state)
+        except UserError as e:
+            decision = ("error", str(e))
+    decision = broadcast_object(decision)
+    if decision[0] == "error":
+        if lock is not None:
+            lock.close()
+        raise UserError(decision[1])
+    return decision[1], lock
+
+
+def state_best(run_dir):
+    ck = runfolder.peek(run_dir / runfolder.CHECKPOINT)
+    return best_acc(ck) if ck else 0.0
+
+
+def last_good(run_dir):
+    kept = run_dir / runfolder.CHECKPOINT
+    return kept if kept.exists() else "none yet"
+
+
+def stopped(signum, epoch, iteration, iterations, run_dir, logger):
+    """The one line a stop by signal prints, and the exception that exits with 128 + signum."""
+    import signal
+    name = signal.Signals(signum).name if signum else "a signal"
+    ckpt = run_dir / runfolder.CHECKPOINT
+    where = f"epoch {epoch + 1}, iteration {iteration}/{iterations}" if iteration else f"the end of epoch {epoch}"
+    msg = f"stopped by {name} at {where}: checkpoint saved; continue with --resume {ckpt}"
+    logger.info(msg)
+    return Preempted(signum or 15, msg)

@@ -1,0 +1,250 @@
+"""A run is never lost: re-runs, older resumes, two writers, kills between writes, SIGTERM mid-epoch.
+
+Every case runs the real CLI on tiny data and asserts the files on disk afterwards."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, make_tiny_data, run_cli
+
+RUN = "imagenet-resnet18-seed0"
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def one_line_error(proc, code=1):
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def snapshot(run_dir):
+    """The bytes of every file that holds results."""
+    return {n: (run_dir / n).read_bytes() for n in ("checkpoint.pth.tar", "model_best.pth.tar", "metrics.jsonl")}
+
+
+def assert_same_weights(a, b):
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 20 images per class at -b 2: 30 steps an epoch, so a signal lands inside an epoch.
+    return make_tiny_data(tmp_path_factory.mktemp("safety") / "data", train_per_class=20, val_per_class=3)
+
+
+def args(data, ckpt, epochs, *extra):
+    return [data, *TINY, "-b", "2", "--lr", "0.01", "-j", "0", "--seed", "0", "--epochs", epochs,
+            "--ckpt", ckpt, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished 2-epoch run, uninterrupted: the reference for the other tests."""
+    ckpt = tmp_path_factory.mktemp("finished")
+    ok(run_cli(args(data, ckpt, 2)))
+    return ckpt / RUN
+
+
+def test_rerun_of_a_finished_run_is_a_noop_and_an_unfinished_one_is_refused(data, finished, tmp_path):
+    before = snapshot(finished)
+    again = ok(run_cli(args(data, finished.parent, 2)))
+    assert "already finished" in again.stdout and "nothing to do" in again.stdout
+    assert snapshot(finished) == before
+
+    # Asking for more epochs without --resume: refused, naming the folder, its epoch and the ways on.
+    err = one_line_error(run_cli(args(data, finished.parent, 3)))
+    assert str(finished) in err and "epoch 2/3" in err
+    assert f"--resume {finished / 'checkpoint.pth.tar'}" in err and "--ckpt" in err
+    assert snapshot(finished) == before
+
+
+def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, tmp_path):
+    ok(run_cli(args(data, tmp_path / "old", 1)))
+    older = tmp_path / "old" / RUN / "checkpoint.pth.tar"
+    before = snapshot(finished)
+    err = one_line_error(run_cli(args(data, finished.parent, 3, "--resume", older)))
+    assert "older than" in err and "epoch 1/3" in err and "epoch 2/3" in err
+    assert snapshot(finished) == before
+    # The same checkpoint into a folder of its own is a branch, and is allowed.
+    ok(run_cli(args(data, tmp_path / "branch", 2, "--resume", older)))
+    assert [r["epoch"] for r in rows(tmp_path / "branch" / RUN)] == [1, 2]
+
+
+def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in args(data, tmp_path, 3)]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:  # the folder is locked before this line is printed
+            if line.startswith("run folder:"):
+                break
+        second = run_cli(args(data, tmp_path, 3))
+        err = one_line_error(second)
+        assert "in use by pid" in err and str(tmp_path / RUN) in err
+        out, _ = first.communicate(timeout=180)
+    finally:
+        first.kill()
+    assert first.returncode == 0
+    run = tmp_path / RUN
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
+    assert load(run / "checkpoint.pth.tar")["epoch"] == 3
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, tmp_path):
+    """The state a kill right after the epoch-2 checkpoint leaves: model_best still at epoch 1 (or
+    missing), the epoch-2 row half written, a temporary file of the save. A resume makes it whole."""
+    run = tmp_path / RUN
+    shutil.copytree(finished, run)
+    full = rows(finished)
+    ck = load(run / "checkpoint.pth.tar")
+    (run / "metrics.jsonl").write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:25])
+    (run / "model_best.pth.tar").unlink()
+    (run / ".checkpoint.pth.tar.12345.tmp").write_bytes(b"half a checkpoint")
+    proc = ok(run_cli(args(data, tmp_path, 3, "--resume", run / "checkpoint.pth.tar")))
+    assert "removed a stale temporary file" in proc.stdout
+    assert not (run / ".checkpoint.pth.tar.12345.tmp").exists()
+    got = rows(run)
+    assert [r["epoch"] for r in got] == [1, 2, 3] and got[:2] == full
+    best = load(run / "model_best.pth.tar")
+    assert best["epoch"] == load(run / "checkpoint.pth.tar")["best_epoch"]
+    assert best["best_acc1"] == max(r["val_acc1"] for r in got)
+    if ck["best_epoch"] == 2 and best["epoch"] == 2:  # restored from the checkpoint, not retrained
+        assert_same_weights(ck, best)
+
+
+def run_until(cmd, marker, sig, timeout=180):
+    """Start `cmd`, send `sig` once a stdout line contains `marker`; returns (returncode, stdout, stderr)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, deadline = [], time.time() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                proc.send_signal(sig)
+                break
+            assert time.time() < deadline, "".join(lines)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines) + out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_mid_epoch_saves_and_the_resume_is_bit_exact(data, finished, tmp_path, sig):
+    cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in args(data, tmp_path, 2, "-p", "1")]
+    code, out, err = run_until(cmd, "Epoch: [2][ 3/30]", sig)
+    assert code == 128 + sig, (out[-2000:], err[-2000:])
+    run = tmp_path / RUN
+    stop = [line for line in out.splitlines() if line.startswith("stopped by")]
+    assert len(stop) == 1 and signal.Signals(sig).name in stop[0], out[-2000:]
+    ck = load(run / "checkpoint.pth.tar")
+    assert ck["epoch"] == 1 and 3 <= ck["iteration"] < 30, (ck["epoch"], ck["iteration"])
+    assert f"epoch 2, iteration {ck['iteration']}/30" in stop[0]
+    assert [r["epoch"] for r in rows(run)] == [1]
+
+    ok(run_cli(args(data, tmp_path, 2, "--resume", run / "checkpoint.pth.tar")))
+    ref, got = load(finished / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar")
+    assert got["epoch"] == 2 and got["iteration"] == 0
+    assert_same_weights(ref, got)
+    for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    want, have = rows(finished), rows(run)
+    assert [r["epoch"] for r in have] == [1, 2]  # every epoch exactly once
+    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5"):
+        assert [r[key] for r in have] == [r[key] for r in want], key
+
+
+def test_timed_saves_inside_an_epoch(data, tmp_path):
+    proc = ok(run_cli(args(data, tmp_path, 1, "--save-every-minutes", "0.0001")))
+    saves = [line for line in proc.stdout.splitlines() if "(--save-every-minutes)" in line]
+    assert saves and all("at epoch 1, iteration" in s for s in saves)
+    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    assert ck["epoch"] == 1 and ck["iteration"] == 0
+
+
+def test_sigterm_to_every_process_of_the_job_with_loader_workers(data, tmp_path):
+    """SLURM signals every process of a job, loader workers included: they must live on while the
+    main process finishes its step and saves."""
+    cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [
+        str(a) for a in args(data, tmp_path, 1, "-p", "1", "-j", "2")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "Epoch: [1][ 3/30]" in line:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGTERM at epoch 1, iteration" in out
+    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    assert ck["epoch"] == 0 and ck["iteration"] >= 3
+
+
+def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, tmp_path):
+    """scripts/slurm_train.sh under a stand-in SLURM: `srun` runs its command here, `scontrol`
+    answers the host list and records requeues. SIGUSR1 to the batch script (what --signal=B:USR1
+    sends) must reach the training process through torchrun, save mid-epoch and requeue; the
+    requeued job resumes and ends with the uninterrupted run's weights."""
+    import socket
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit=1
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[ "$1" = show ] && echo localhost && exit 0\n'
+                                      f'echo "$@" >> {tmp_path / "scontrol.log"}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="1", WORKERS="0",
+               PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = ["bash", str(ROOT / "scripts" / "slurm_train.sh"), "none", str(data), *TINY[:-2], "-p", "1", "-b", "2",
+           "--lr", "0.01", "--seed", "0", "--epochs", "2", "--ckpt", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "Epoch: [2][ 3/30]" in line:
+                proc.send_signal(signal.SIGUSR1)
+                break
+        out, err = proc.communicate(timeout=180)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert "SIGUSR1: asking the run to save" in out and "stopped by SIGTERM at epoch 2, iteration" in out, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    run = tmp_path / RUN
+    assert load(run / "checkpoint.pth.tar")["iteration"] >= 3
+
+    # The requeued job: the same command, which now resumes.
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    assert_same_weights(load(finished / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"))
+    assert [r["epoch"] for r in rows(run)] == [1, 2]

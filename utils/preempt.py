@@ -1,0 +1,113 @@
+"""Stopping cleanly: SIGTERM / SIGUSR1 (SLURM's warning before preemption or the time limit) and a
+save timer, turned into decisions every rank takes at the same iteration boundary.
+
+The handler only sets a flag. The training loop asks `poll(done)` after every step; under DDP the
+ranks compare flags every `agree_every` steps (one tiny all-reduce, where the loop already syncs
+for its progress line), so they stop or save at the same iteration. Saving blocks these signals and
+SIGINT (`deferred_signals`), so a checkpoint is never left half-written by our own handlers or Ctrl-C.
+"""
+import atexit
+import signal
+import threading
+import time
+from contextlib import contextmanager
+
+from .distributed import all_reduce_sum
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint is on disk; the script exits with 128 + the signal number."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopFlags:
+    def __init__(self, device, distributed=False, agree_every=1, save_every_minutes=None, is_main=True):
+        self.device, self.distributed = device, distributed
+        self.agree_every = max(1, agree_every) if distributed else 1
+        self.save_every = save_every_minutes * 60 if save_every_minutes else None
+        self.is_main = is_main
+        self.signum = 0
+        self.last_save = time.monotonic()
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def saved(self):
+        self.last_save = time.monotonic()
+
+    def poll(self, done, force=False):
+        """(stop, save) after `done` steps of the epoch: the same answer on every rank.
+
+        force: agree now whatever `done` is (epoch ends); otherwise ranks only talk every agree_every steps.
+        """
+        due = self.save_every is not None and self.is_main and time.monotonic() - self.last_save >= self.save_every
+        if not self.distributed:
+            return bool(self.signum), due
+        if not force and done % self.agree_every:
+            return False, False
+        # Any rank's signal stops all; rank 0's clock alone decides timed saves. A rank that saw no
+        # signal itself reports the sum of the others' (SIGTERM when that is not one signal's number).
+        sig, save = all_reduce_sum([self.signum, 1 if due else 0], self.device)
+        if sig and not self.signum:
+            self.signum = int(sig) if int(sig) in map(int, STOP_SIGNALS) else int(signal.SIGTERM)
+        return bool(sig), bool(save)
+
+
+@contextmanager
+def deferred_signals():
+    """Hold SIGINT/SIGTERM/SIGUSR1 until the block ends (a save): they are delivered right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, *STOP_SIGNALS}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals_in_worker(_worker_id=None):
+    """DataLoader workers: SLURM signals every process of the job, and a worker that died of it would
+    take the batches the main process still needs (and torch's SIGCHLD handler would raise in the
+    middle of the save). The main process ends its workers itself (`end_workers_at_exit`)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+_reaper = []
+
+
+def end_workers_at_exit():
+    """multiprocessing's own exit handler stops daemon children with SIGTERM and waits for them, which
+    workers ignoring SIGTERM would never answer: end them first, with SIGKILL (atexit runs LIFO)."""
+    if not _reaper:
+        _reaper.append(atexit.register(_kill_children))
+
+
+def _kill_children():
+    import multiprocessing
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call this a worker failure
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout=5)
