@@ -8,7 +8,6 @@ and a summary of where the run's files are.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,10 +40,11 @@ def main():
     print(f"{root.relative_to(ROOT)}: {n} images, {len(CLASSES)} classes ({', '.join(CLASSES)})")
 
     run_dir = ROOT / "runs" / "demo" / run_name("imagenet", "resnet18", "simam", 0.1, 0)
-    if run_dir.exists():  # a fresh run each time: no stale metrics from an earlier demo
-        shutil.rmtree(run_dir)
     step(f"2/3 training SimAM-ResNet-18 for {EPOCHS} epochs on the CPU")
-    cmd = [sys.executable, "main_imagenet.py", *COMMON, *TRAIN]
+    # An earlier demo is continued (or, finished, left as it is), never started over: `make clean` removes it.
+    resume = ["--resume", str((run_dir / "checkpoint.pth.tar").relative_to(ROOT))] \
+        if (run_dir / "checkpoint.pth.tar").is_file() else []
+    cmd = [sys.executable, "main_imagenet.py", *COMMON, *TRAIN, *resume]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=ENV, check=True)
 

@@ -132,15 +132,14 @@ def test_resume_without_seed_keeps_the_recorded_seed(data, trained, tmp_path, ca
 
 
 def test_non_finite_validation_loss_stops_before_saving(data, trained, tmp_path, capsys, monkeypatch):
-    import utils.trainer
     run = tmp_path / RUN
     shutil.copytree(trained, run)
     before = {n: (run / n).read_bytes() for n in ("checkpoint.pth.tar", "metrics.jsonl")}
-    real = utils.trainer.evaluate
+    real = main_imagenet.TASK.evaluate
 
     def nan_loss(*a, **k):
         return dict(real(*a, **k), loss=float("nan"))
-    monkeypatch.setattr(utils.trainer, "evaluate", nan_loss)
+    monkeypatch.setattr(main_imagenet.TASK, "evaluate", nan_loss)
     err = error([data, *TINY, "-b", "8", "-j", "0", "--epochs", "2", "--ckpt", tmp_path,
                  "--resume", run / "checkpoint.pth.tar"], capsys)
     assert "validation loss is nan at epoch 2" in err and "last good checkpoint kept" in err

@@ -154,7 +154,7 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     c1 = torch.zeros((), dtype=torch.int64, device=device)
     c5 = torch.zeros((), dtype=torch.int64, device=device)
-    seen, skipped = 0, []
+    seen, skipped, top_k = 0, [], 5
     bar = logger.progress(len(loader), desc)
     for batch in loader:
         images, target, bad = _unpack(batch, device, channels_last)
@@ -163,7 +163,8 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
             output = model(images)
         output = output.float()
         loss_sum += F.cross_entropy(output, target, reduction="none").double().sum()
-        k1, k5 = _topk_correct(output, target, (1, min(5, output.shape[1])))
+        top_k = min(5, output.shape[1])  # fewer than 5 classes: top-all, and labelled so
+        k1, k5 = _topk_correct(output, target, (1, top_k))
         c1 += k1
         c5 += k5
         seen += images.shape[0]
@@ -176,5 +177,5 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
         [loss_sum.item(), c1.item(), c5.item(), seen, len(skipped)], device)
     if count == 0:
         raise UserError("the validation set yielded no images")
-    return {"loss": loss / count, "acc1": 100 * n1 / count, "acc5": 100 * n5 / count,
+    return {"loss": loss / count, "acc1": 100 * n1 / count, "acc5": 100 * n5 / count, "top_k": top_k,
             "count": int(count), "skipped": int(n_skipped)}

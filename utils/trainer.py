@@ -57,6 +57,22 @@ class Task:
     image_size: int = 224  # for the params/FLOPs line
     loader: Callable = EpochLoader  # called as EpochLoader is; main_cifar.py serves batches from the device
     schedule: Callable = schedule_from_args  # (args, iters_per_epoch) -> lr_fn(epoch, it)
+    # The loop and what it reports; the defaults are the classifiers' (main_coco.py sets its own).
+    train_one_epoch: Callable = train_one_epoch  # utils.engine.train_one_epoch's signature and result
+    evaluate: Callable = evaluate  # utils.engine.evaluate's signature; the result has best_key, count, skipped
+    val_row: Callable = None  # va -> metrics.jsonl's validation keys; None: val_loss, val_acc1, val_acc5
+    summary: Callable = None  # va -> the validation part of the epoch line and of `-e`'s line
+    best_key: str = "acc1"  # the va entry that picks model_best (higher is better)
+    best_label: str = "Acc@1"
+
+
+def classification_val_row(va):
+    return {"val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"]}
+
+
+def classification_summary(va):
+    # With fewer than five classes "top-5" is top-all: the label says which k it is.
+    return f"Acc@1 {va['acc1']:.3f} Acc@{va.get('top_k', 5)} {va['acc5']:.3f} Loss {va['loss']:.4f}"
 
 
 def effective_param(args):
@@ -224,13 +240,12 @@ def _run(args, task, info, gpu_ids):
     pin = device.type == "cuda"
     val_loader = task.loader(val_set, batch, workers, seed, info.rank, info.world_size, train=False,
                              pin_memory=pin, collate_fn=task.collate_fn)
-    top_k = min(5, len(classes))  # Acc@5 of fewer than 5 classes is top-all: say which
+    summary, val_row = task.summary or classification_summary, task.val_row or classification_val_row
 
     if args.evaluate:
-        va = evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
-                      channels_last=args.channels_last, logger=logger)
-        logger.info(f" * Acc@1 {va['acc1']:.3f} Acc@{top_k} {va['acc5']:.3f} Loss {va['loss']:.4f} "
-                    f"({va['count']} images, {args.resume})")
+        va = task.evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
+                           channels_last=args.channels_last, logger=logger)
+        logger.info(f" * {summary(va)} ({va['count']} images, {args.resume})")
         if va["skipped"]:
             logger.info(f"   {va['skipped']} unreadable images were skipped")
         return va
@@ -260,7 +275,7 @@ def _run(args, task, info, gpu_ids):
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         logger.info(f"=> resumed from {args.resume} ({runfolder.describe((start_epoch, start_iter), args.epochs)}, "
-                    f"best Acc@1 {best_acc1:.3f})")
+                    f"best {task.best_label} {best_acc1:.3f})")
         if not rows and info.is_main:  # older checkpoints carry no rows: keep the file's
             rows = runfolder.read_rows(run_dir / runfolder.METRICS)
     del ckpt
@@ -299,7 +314,7 @@ def _run(args, task, info, gpu_ids):
         for epoch in range(start_epoch, args.epochs):
             first = epoch == start_epoch
             try:
-                tr = train_one_epoch(train_model, train_loader(epoch, start_iter if first else 0), criterion,
+                tr = task.train_one_epoch(train_model, train_loader(epoch, start_iter if first else 0), criterion,
                                      optimizer, lr_fn, epoch, device, scaler=scaler, amp_dtype=amp_dtype,
                                      channels_last=args.channels_last, print_freq=args.print_freq, logger=logger,
                                      start_iter=start_iter if first else 0, sums=sums if first else None,
@@ -315,16 +330,19 @@ def _run(args, task, info, gpu_ids):
                 raise stopped(flags.signum, epoch, tr["iteration"], len(train_loader), run_dir, logger)
             broadcast_buffers(raw)  # every rank evaluates exactly the weights rank 0 saves
             t_val = time.time()
-            va = evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
-                          channels_last=args.channels_last, logger=logger)
-            if not math.isfinite(va["loss"]):
-                raise UserError(f"validation loss is {va['loss']} at epoch {epoch + 1}: stopping; "
-                                f"last good checkpoint kept: {last_good(run_dir)}")
-            is_best = va["acc1"] > best_acc1 or (best_epoch is None and best_acc1 == 0)  # a fresh run's first
+            va = task.evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
+                               channels_last=args.channels_last, logger=logger)
+            val = val_row(va)
+            bad = [k for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise UserError(f"validation {bad[0].removeprefix('val_').replace('_', ' ')} is {val[bad[0]]} at "
+                                f"epoch {epoch + 1}: stopping; last good checkpoint kept: {last_good(run_dir)}")
+            score = va[task.best_key]
+            is_best = score > best_acc1 or (best_epoch is None and best_acc1 == 0)  # a fresh run's first epoch
             if is_best:
-                best_acc1, best_epoch = va["acc1"], epoch + 1
-            row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"], "train_acc1": tr["acc1"],
-                   "val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"],
+                best_acc1, best_epoch = score, epoch + 1
+            row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"],
+                   **({"train_acc1": tr["acc1"]} if "acc1" in tr else {}), **val,
                    "epoch_time": tr["time"] + time.time() - t_val,
                    "images_per_sec": tr["images"] / tr["time"], "skipped_images": tr["skipped"] + va["skipped"]}
             rows.append(row)
@@ -336,8 +354,8 @@ def _run(args, task, info, gpu_ids):
                     runfolder.copy_atomic(run_dir / runfolder.CHECKPOINT, run_dir / runfolder.BEST)
                 runfolder.append_row(run_dir / runfolder.METRICS, row)
             flags.saved()
-            logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f} acc@1 {tr['acc1']:.2f} | "
-                        f"val loss {va['loss']:.4f} Acc@1 {va['acc1']:.3f} Acc@{top_k} {va['acc5']:.3f} | "
+            logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f}"
+                        + (f" acc@1 {tr['acc1']:.2f}" if "acc1" in tr else "") + f" | val {summary(va)} | "
                         f"best {best_acc1:.3f} | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
                         + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
             barrier()  # no rank starts the next epoch before rank 0 has its checkpoint on disk
@@ -345,7 +363,7 @@ def _run(args, task, info, gpu_ids):
                 raise stopped(flags.signum, epoch + 1, 0, len(train_loader), run_dir, logger)
     finally:
         flags.uninstall()
-    logger.info(f"done: best Acc@1 {best_acc1:.3f}; run folder: {run_dir}")
+    logger.info(f"done: best {task.best_label} {best_acc1:.3f}; run folder: {run_dir}")
     if folder_lock is not None:  # rank 0's
         folder_lock.close()
     return {"best_acc1": best_acc1, "run_dir": run_dir}
@@ -377,7 +395,7 @@ def open_run_folder(run_dir, args, ckpt, info, logger):
             runfolder.remove_stale_temporaries(run_dir, logger.info)
             state = runfolder.decide(run_dir, args.resume, ckpt, args.epochs)
             if state == "finished":
-                logger.info(f"run {run_dir} is already finished ({args.epochs}/{args.epochs} epochs, best Acc@1 "
+                logger.info(f"run {run_dir} is already finished ({args.epochs}/{args.epochs} epochs, best "
                             f"{state_best(run_dir):.3f}): nothing to do (raise --epochs to train on)")
             elif state == "resume":
                 own = (run_dir / runfolder.CHECKPOINT).is_file() and \
