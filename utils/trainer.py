@@ -298,8 +298,8 @@ def _run(args, task, info, gpu_ids):
             if stop or save:
                 # The checkpoint holds the sums over all ranks; a resumed rank 0 carries them on.
                 s = get_sums()
-                keys = sorted(s)
-                totals = dict(zip(keys, all_reduce_sum([s[k] for k in keys], device)))
+                keys = sorted(k for k in s if k != "time")  # counts add up over ranks; the clock does not
+                totals = dict(zip(keys, all_reduce_sum([s[k] for k in keys], device)), time=s["time"])
                 if info.is_main:
                     save_atomic(checkpoint_state(epoch, done, totals), run_dir / runfolder.CHECKPOINT)
                 flags.saved()
@@ -314,11 +314,11 @@ def _run(args, task, info, gpu_ids):
         for epoch in range(start_epoch, args.epochs):
             first = epoch == start_epoch
             try:
-                tr = task.train_one_epoch(train_model, train_loader(epoch, start_iter if first else 0), criterion,
-                                     optimizer, lr_fn, epoch, device, scaler=scaler, amp_dtype=amp_dtype,
-                                     channels_last=args.channels_last, print_freq=args.print_freq, logger=logger,
-                                     start_iter=start_iter if first else 0, sums=sums if first else None,
-                                     boundary=boundary(epoch))
+                skip = start_iter if first else 0  # a mid-epoch checkpoint's batches already done
+                tr = task.train_one_epoch(train_model, train_loader(epoch, skip), criterion, optimizer, lr_fn, epoch,
+                                          device, scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
+                                          print_freq=args.print_freq, logger=logger, start_iter=skip,
+                                          sums=sums if first else None, boundary=boundary(epoch))
             except NonFiniteLossError as e:
                 raise UserError(f"{e}; last good checkpoint kept: {last_good(run_dir)}") from None
             except ValueError as e:
