@@ -306,11 +306,12 @@ class EpochLoader:
     the first k are neither loaded nor decoded (their indices are sliced off), and batches k, k+1,
     ... equal those of a full epoch bit for bit. `len(loader)` is the full number of batches.
     Training samplers are DistributedSampler (world_size 1 in a single process), validation uses
-    ShardSampler. Workers persist across epochs and prefetch `prefetch_factor` batches each.
+    ShardSampler. Workers prefetch `prefetch_factor` batches each and persist across epochs
+    (persistent_workers=None: when the dataset's transform is seeded per sample, see sample_seed).
     """
 
     def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
-                 pin_memory=False, collate_fn=None, prefetch_factor=4):
+                 pin_memory=False, collate_fn=None, prefetch_factor=4, persistent_workers=None):
         if train:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=False)
@@ -323,8 +324,9 @@ class EpochLoader:
         self.loader = DataLoader(
             dataset, batch_sampler=self.batches, num_workers=workers, pin_memory=pin_memory,
             generator=self.generator, collate_fn=collate_fn,
-            # Persistent workers keep their RNG across epochs: only for transforms seeded per sample.
-            persistent_workers=workers > 0 and getattr(getattr(dataset, "transform", None), "seeded", False),
+            # Persistent workers keep their RNG across epochs: by default only for per-sample seeded transforms.
+            persistent_workers=workers > 0 and (getattr(getattr(dataset, "transform", None), "seeded", False)
+                                                if persistent_workers is None else persistent_workers),
             prefetch_factor=prefetch_factor if workers > 0 else None)
 
     def __call__(self, epoch=0, start_batch=0):

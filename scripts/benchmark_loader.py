@@ -1,0 +1,170 @@
+"""Images/s of the ImageNet input pipelines, side by side: decode -> augment -> batch ready for the device.
+
+    python scripts/benchmark_loader.py                      # 200 generated JPEGs, a few minutes on 2 cores
+    python scripts/benchmark_loader.py --data /imagenet/val --images 2000 --workers 8 --repeats 5
+
+Backends (utils/data.py, utils/dali.py):
+  old    the previous path: PIL decode, RandomResizedCrop/flip or Resize/CenterCrop on PIL, ToTensor,
+         Normalize, float32 batches built on the CPU;
+  pil    PIL decode and resize, uint8 batches (`--data-backend pil`);
+  torch  decode_jpeg + transforms.v2 on uint8 tensors, uint8 batches (`--data-backend torch`, the default);
+  dali   NVIDIA DALI with CPU decoding (on a GPU node the trainer decodes with nvJPEG instead), if installed.
+Two measures for each, train and val transforms:
+  per core     one process, -j 0, one intra-op thread: images/s of one core, collation included
+               (DALI: one worker thread, plus its own executor thread);
+  -j N         the loader with N worker processes (DALI: N threads), total images/s over the epoch
+               (workers persist and were started by a warm-up repeat; DALI builds its pipeline per
+               epoch, included).
+Every repeat runs all backends in turn (interleaved, so load from other jobs hits them alike); the
+table gives median [min-max] over repeats, the ratio of medians to `old`, and the cores one GPU
+needs at that per-core rate for ResNet-50 at 3,000 and ResNet-18 at 8,000 images/s.
+"""
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from utils import UserError, error_line  # noqa: E402
+from utils.data import (EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms,  # noqa: E402
+                        reference_transforms)
+
+GPU_RATES = {"ResNet-50": 3000, "ResNet-18": 8000}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, help="an ImageFolder split (class folders of JPEGs); default: generate --images")
+    p.add_argument("--images", type=int, default=200, help="images per measurement (default 200)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="-j for the end-to-end measure (default 2; 0: skip it)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backends", default="old,pil,torch,dali")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.images < args.batch or args.batch < 1 or args.repeats < 1 or args.workers < 0:
+        raise UserError("need --images >= --batch >= 1, --repeats >= 1, --workers >= 0")
+    return args
+
+
+def make_images(root, n, seed=0, classes=4):
+    """ImageNet-like JPEGs: 500x375 (a fifth portrait), smooth content plus sensor-like noise, quality
+    90, about 100 KB each (ImageNet's train mean is ~110 KB at ~400x350)."""
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = (375, 500) if i % 5 == 4 else (500, 375)
+        small = g.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        img += g.normal(0, 14, img.shape)
+        d = root / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i:05d}.JPEG", quality=90)
+    return root
+
+
+def make_loader(backend, root, train, batch, workers, seed):
+    train_tf, val_tf = (reference_transforms if backend == "old" else imagenet_transforms)()
+    tf = train_tf if train else val_tf
+    if backend == "dali":
+        from utils.dali import DaliImageFolder, DaliLoader
+        return DaliLoader(DaliImageFolder(root, tf, evaluate_once=not train), batch, workers, seed, train=train,
+                          device="cpu")
+    ds = SafeImageFolder(root, tf, backend="pil" if backend == "old" else backend, evaluate_once=not train)
+    # Persistent workers for `old` too: the measure is the steady state, not worker start-up.
+    return EpochLoader(ds, batch, workers, seed, train=train, collate_fn=collate_skipping, persistent_workers=True)
+
+
+def measure(loader, epoch):
+    """Images/s of one whole epoch (workers already started by the warm-up repeat)."""
+    start, n = time.perf_counter(), 0
+    for images, _, _ in loader(epoch):
+        n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def fmt(xs):
+    return f"{statistics.median(xs):7.0f} [{min(xs):.0f}-{max(xs):.0f}]"
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        torch.set_num_threads(1)
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        if "dali" in backends:
+            try:
+                import nvidia.dali  # noqa: F401
+            except ImportError:
+                print("dali: not installed, skipped (pip install -r requirements-dali.txt)")
+                backends.remove("dali")
+        unknown = set(backends) - {"old", "pil", "torch", "dali"}
+        if unknown:
+            raise UserError(f"unknown backend(s): {', '.join(sorted(unknown))}")
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.data is None:
+                root = make_images(Path(tmp) / "images", args.images, args.seed)
+            elif not args.data.is_dir():
+                raise UserError(f"data folder not found: {args.data}")
+            else:
+                root = args.data
+            report(args, root, backends)
+    except UserError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def report(args, root, backends):
+    import warnings
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision.io's decoders
+    files = sorted(root.rglob("*.JPEG"))[:args.images] or sorted(p for p in root.rglob("*") if p.is_file())
+    sizes = [Image.open(f).size for f in files[:200]]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
+          f"Python {platform.python_version()}")
+    print(f"data: {len(files)} images from {root if args.data else 'generated'}, mean {np.mean([f.stat().st_size for f in files]) / 1e3:.0f} KB, "
+          f"mean {np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f}; batch {args.batch}, "
+          f"{args.repeats} interleaved repeats")
+
+    modes = [("per core", 0)] + ([(f"-j {args.workers}", args.workers)] if args.workers else [])
+    loaders = {(b, split, m): make_loader(b, root, split == "train", args.batch, w, args.seed)
+               for b in backends for split in ("train", "val") for m, w in modes}
+    results = {k: [] for k in loaders}
+    for r in range(args.repeats + 1):  # repeat 0 warms up (workers start, files in the page cache)
+        for (b, split, m), loader in loaders.items():
+            ips = measure(loader, r)
+            if r:
+                results[(b, split, m)].append(ips)
+        if r:
+            print(f"repeat {r}/{args.repeats} done", flush=True)
+
+    print()
+    print("| backend | split | per core: images/s median [min-max] | vs old | cores/GPU R50 @3k | cores/GPU R18 @8k |"
+          + (f" -j {args.workers}: images/s | vs old |" if args.workers else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.workers else ""))
+    for split in ("train", "val"):
+        for b in backends:
+            core = results[(b, split, "per core")]
+            med = statistics.median(core)
+            ref = statistics.median(results[("old", split, "per core")]) if "old" in backends else None
+            row = (f"| {b} | {split} | {fmt(core)} | {med / ref:.2f}x |" if ref else f"| {b} | {split} | {fmt(core)} | - |")
+            row += "".join(f" {rate / med:.1f} |" for rate in GPU_RATES.values())
+            if args.workers:
+                j = results[(b, split, f"-j {args.workers}")]
+                jref = statistics.median(results[("old", split, f"-j {args.workers}")]) if "old" in backends else None
+                row += f" {fmt(j)} | " + (f"{statistics.median(j) / jref:.2f}x |" if jref else "- |")
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
