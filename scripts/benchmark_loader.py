@@ -16,8 +16,8 @@ Two measures for each, train and val transforms:
                (workers persist and were started by a warm-up repeat; DALI builds its pipeline per
                epoch, included).
 Every repeat runs all backends in turn (interleaved, so load from other jobs hits them alike); the
-table gives median [min-max] over repeats, the ratio of medians to `old`, and the cores one GPU
-needs at that per-core rate for ResNet-50 at 3,000 and ResNet-18 at 8,000 images/s.
+table gives median [min-max] over repeats, the ratio to `old` within each repeat (median
+[min-max]), and the cores one GPU needs at the median per-core rate for ResNet-50 at 3,000 and ResNet-18 at 8,000 images/s.
 """
 import argparse
 import io
@@ -72,14 +72,20 @@ def make_images(root, n, seed=0, classes=4):
     return root
 
 
-def make_loader(backend, root, train, batch, workers, seed):
+def subset(ds, n):
+    """n images spread over the classes (ImageFolder lists them class by class)."""
+    ds.samples = ds.samples[::max(1, len(ds.samples) // n)][:n]
+    return ds
+
+
+def make_loader(backend, root, n, train, batch, workers, seed):
     train_tf, val_tf = (reference_transforms if backend == "old" else imagenet_transforms)()
     tf = train_tf if train else val_tf
     if backend == "dali":
         from utils.dali import DaliImageFolder, DaliLoader
-        return DaliLoader(DaliImageFolder(root, tf, evaluate_once=not train), batch, workers, seed, train=train,
-                          device="cpu")
-    ds = SafeImageFolder(root, tf, backend="pil" if backend == "old" else backend, evaluate_once=not train)
+        return DaliLoader(subset(DaliImageFolder(root, tf, evaluate_once=not train), n), batch, workers, seed,
+                          train=train, device="cpu")
+    ds = subset(SafeImageFolder(root, tf, backend="pil" if backend == "old" else backend, evaluate_once=not train), n)
     # Persistent workers for `old` too: the measure is the steady state, not worker start-up.
     return EpochLoader(ds, batch, workers, seed, train=train, collate_fn=collate_skipping, persistent_workers=True)
 
@@ -126,7 +132,7 @@ def main(argv=None):
 def report(args, root, backends):
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision.io's decoders
-    files = sorted(root.rglob("*.JPEG"))[:args.images] or sorted(p for p in root.rglob("*") if p.is_file())
+    files = [Path(p) for p, _ in subset(SafeImageFolder(root), args.images).samples]
     sizes = [Image.open(f).size for f in files[:200]]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -137,7 +143,7 @@ def report(args, root, backends):
           f"{args.repeats} interleaved repeats")
 
     modes = [("per core", 0)] + ([(f"-j {args.workers}", args.workers)] if args.workers else [])
-    loaders = {(b, split, m): make_loader(b, root, split == "train", args.batch, w, args.seed)
+    loaders = {(b, split, m): make_loader(b, root, args.images, split == "train", args.batch, w, args.seed)
                for b in backends for split in ("train", "val") for m, w in modes}
     results = {k: [] for k in loaders}
     for r in range(args.repeats + 1):  # repeat 0 warms up (workers start, files in the page cache)
@@ -148,22 +154,27 @@ def report(args, root, backends):
         if r:
             print(f"repeat {r}/{args.repeats} done", flush=True)
 
+    def ratio(b, split, m):  # per repeat against `old` in the same repeat, then median [min-max]
+        if "old" not in backends:
+            return "-"
+        rs = [x / y for x, y in zip(results[(b, split, m)], results[("old", split, m)])]
+        return f"{statistics.median(rs):.2f}x [{min(rs):.2f}-{max(rs):.2f}]"
+
+    j = f"-j {args.workers}"
     print()
-    print("| backend | split | per core: images/s median [min-max] | vs old | cores/GPU R50 @3k | cores/GPU R18 @8k |"
-          + (f" -j {args.workers}: images/s | vs old |" if args.workers else ""))
+    print("| backend | split | per core: images/s | vs old | cores/GPU R50 @3k | cores/GPU R18 @8k |"
+          + (f" {j}: images/s | vs old |" if args.workers else ""))
     print("|---|---|---|---|---|---|" + ("---|---|" if args.workers else ""))
     for split in ("train", "val"):
         for b in backends:
             core = results[(b, split, "per core")]
             med = statistics.median(core)
-            ref = statistics.median(results[("old", split, "per core")]) if "old" in backends else None
-            row = (f"| {b} | {split} | {fmt(core)} | {med / ref:.2f}x |" if ref else f"| {b} | {split} | {fmt(core)} | - |")
+            row = f"| {b} | {split} | {fmt(core)} | {ratio(b, split, 'per core')} |"
             row += "".join(f" {rate / med:.1f} |" for rate in GPU_RATES.values())
             if args.workers:
-                j = results[(b, split, f"-j {args.workers}")]
-                jref = statistics.median(results[("old", split, f"-j {args.workers}")]) if "old" in backends else None
-                row += f" {fmt(j)} | " + (f"{statistics.median(j) / jref:.2f}x |" if jref else "- |")
+                row += f" {fmt(results[(b, split, j)])} | {ratio(b, split, j)} |"
             print(row)
+    print("images/s: median [min-max] over repeats; vs old: the per-repeat ratio to `old`, median [min-max].")
 
 
 if __name__ == "__main__":
