@@ -51,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", default="old,pil,torch,dali")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-arch", help="also time training steps of this network (e.g. resnet18) fed by each "
+                   "backend's -j N loader vs by one synthetic batch already on the device")
+    p.add_argument("--device", default="cpu", help="for --train-arch: cpu or cuda (DALI then decodes on the GPU)")
+    p.add_argument("--steps", type=int, default=50, help="for --train-arch: timed steps after 5 warm-up steps")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="for --train-arch")
+    p.add_argument("--channels-last", action="store_true", help="for --train-arch")
     args = p.parse_args(argv)
     if args.images < args.batch or args.batch < 1 or args.repeats < 1 or args.workers < 0:
         raise UserError("need --images >= --batch >= 1, --repeats >= 1, --workers >= 0")
@@ -78,16 +84,17 @@ def subset(ds, n):
     return ds
 
 
-def make_loader(backend, root, n, train, batch, workers, seed):
+def make_loader(backend, root, n, train, batch, workers, seed, device="cpu"):
     train_tf, val_tf = (reference_transforms if backend == "old" else imagenet_transforms)()
     tf = train_tf if train else val_tf
     if backend == "dali":
         from utils.dali import DaliImageFolder, DaliLoader
         return DaliLoader(subset(DaliImageFolder(root, tf, evaluate_once=not train), n), batch, workers, seed,
-                          train=train, device="cpu")
+                          train=train, device=device)
     ds = subset(SafeImageFolder(root, tf, backend="pil" if backend == "old" else backend, evaluate_once=not train), n)
     # Persistent workers for `old` too: the measure is the steady state, not worker start-up.
-    return EpochLoader(ds, batch, workers, seed, train=train, collate_fn=collate_skipping, persistent_workers=True)
+    return EpochLoader(ds, batch, workers, seed, train=train, collate_fn=collate_skipping, persistent_workers=True,
+                       pin_memory=torch.device(device).type == "cuda")
 
 
 def measure(loader, epoch):
@@ -124,6 +131,8 @@ def main(argv=None):
             else:
                 root = args.data
             report(args, root, backends)
+            if args.train_arch:
+                train_speed(args, root, backends)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -175,6 +184,57 @@ def report(args, root, backends):
                 row += f" {fmt(results[(b, split, j)])} | {ratio(b, split, j)} |"
             print(row)
     print("images/s: median [min-max] over repeats; vs old: the per-repeat ratio to `old`, median [min-max].")
+
+
+def train_speed(args, root, backends):
+    """Training images/s of --train-arch fed by each backend (uint8 backends only) vs synthetic data."""
+    from networks import create_net
+    from utils.engine import _unpack
+    device = torch.device(args.device)
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    model = create_net(args.train_arch, "none", None, num_classes=1000).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    crit = torch.nn.CrossEntropyLoss()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(batch):
+        images, target, _ = _unpack(batch, device, args.channels_last, amp_dtype=amp_dtype)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = crit(model(images), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # fp16 without a scaler: timing only
+        opt.step()
+        return images.shape[0]
+
+    def batches(loader):
+        epoch = 0
+        while True:
+            yield from loader(epoch)
+            epoch += 1
+
+    synthetic = (torch.randint(0, 256, (args.batch, 3, 224, 224), dtype=torch.uint8, device=device),
+                 torch.randint(0, 1000, (args.batch,)), [])
+    feeds = {"synthetic (on device)": lambda: iter(lambda: synthetic, None)}
+    for b in backends:
+        if b != "old":
+            feeds[f"{b} -j {args.workers}"] = lambda b=b: batches(make_loader(
+                b, root, args.images, True, args.batch, args.workers, args.seed, device))
+    print(f"\n{args.train_arch} training on {device} (batch {args.batch}, amp {args.amp}, "
+          f"channels_last {args.channels_last}, {args.steps} steps):")
+    print("| input | images/s | ms/step |\n|---|---|---|")
+    for name, make in feeds.items():
+        it = make()
+        for _ in range(5):
+            step(next(it))
+        sync()
+        start, n = time.perf_counter(), 0
+        for _ in range(args.steps):
+            n += step(next(it))
+        sync()
+        dt = time.perf_counter() - start
+        print(f"| {name} | {n / dt:.0f} | {1000 * dt / args.steps:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

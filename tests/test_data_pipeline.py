@@ -183,8 +183,8 @@ def test_validation_evaluates_each_readable_image_once_and_counts_files(tmp_path
         def forward(self, x):
             return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float() + 0 * x.mean()
 
-    for workers in (0, 2):
-        res = evaluate(Ident(), EpochLoader(val, 4, workers, 0, train=False, collate_fn=collate_skipping)(), "cpu")
+    for workers, batch in ((0, 4), (2, 4), (0, 1)):  # batch 1: batches with no readable image at all
+        res = evaluate(Ident(), EpochLoader(val, batch, workers, 0, train=False, collate_fn=collate_skipping)(), "cpu")
         assert res["count"] == len(files) - 2 and res["skipped"] == 2
         assert res["acc1"] == pytest.approx(100 * 1 / 7)  # class 0 = the first 3 files; one of them readable
 
