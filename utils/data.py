@@ -344,6 +344,8 @@ def imagenet_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, tr
     """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets."""
     if getattr(dataset, "backend", None) == "dali":
         from .dali import DaliLoader
-        return DaliLoader(dataset, batch_size, workers, seed, rank, world_size, train=train)
+        # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
+        device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
+        return DaliLoader(dataset, batch_size, workers, seed, rank, world_size, train=train, device=device)
     return EpochLoader(dataset, batch_size, workers, seed, rank, world_size, train=train,
                        pin_memory=pin_memory, collate_fn=collate_fn)
