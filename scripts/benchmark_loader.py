@@ -10,8 +10,9 @@ Backends (utils/data.py, utils/dali.py):
   torch  decode_jpeg + transforms.v2 on uint8 tensors, uint8 batches (`--data-backend torch`, the default);
   dali   NVIDIA DALI with CPU decoding (on a GPU node the trainer decodes with nvJPEG instead), if installed.
 Two measures for each, train and val transforms:
-  per core     one process, -j 0, one intra-op thread: images/s of one core, collation included
-               (DALI: one worker thread, plus its own executor thread);
+  per core     one process, -j 0, one intra-op thread: images per second of the process's CPU time
+               (all its threads: DALI's worker and executor threads count), collation included; CPU
+               time rather than wall time, so that other jobs on a shared machine do not count;
   -j N         the loader with N worker processes (DALI: N threads), total images/s over the epoch
                (workers persist and were started by a warm-up repeat; DALI builds its pipeline per
                epoch, included).
@@ -97,12 +98,15 @@ def make_loader(backend, root, n, train, batch, workers, seed, device="cpu"):
                        pin_memory=torch.device(device).type == "cuda")
 
 
-def measure(loader, epoch):
-    """Images/s of one whole epoch (workers already started by the warm-up repeat)."""
-    start, n = time.perf_counter(), 0
+def measure(loader, epoch, cpu):
+    """Images/s of one whole epoch (workers already started by the warm-up repeat). cpu: per second
+    of this process's CPU time (all its threads) instead of wall time, so that other jobs on a
+    shared machine do not count; only meaningful with -j 0, where all the work is in this process."""
+    clock = time.process_time if cpu else time.perf_counter
+    start, n = clock(), 0
     for images, _, _ in loader(epoch):
         n += images.shape[0]
-    return n / (time.perf_counter() - start)
+    return n / (clock() - start)
 
 
 def fmt(xs):
@@ -138,16 +142,21 @@ def main(argv=None):
         sys.exit(1)
 
 
+def cpu_name():
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+
+
 def report(args, root, backends):
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision.io's decoders
     files = [Path(p) for p, _ in subset(SafeImageFolder(root), args.images).samples]
     sizes = [Image.open(f).size for f in files[:200]]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
-          f"Python {platform.python_version()}")
-    print(f"data: {len(files)} images from {root if args.data else 'generated'}, mean {np.mean([f.stat().st_size for f in files]) / 1e3:.0f} KB, "
+    kb = np.mean([f.stat().st_size for f in files]) / 1e3
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+          f"torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"data: {len(files)} images from {root if args.data else 'generated'}, mean {kb:.0f} KB, "
           f"mean {np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f}; batch {args.batch}, "
           f"{args.repeats} interleaved repeats")
 
@@ -157,7 +166,7 @@ def report(args, root, backends):
     results = {k: [] for k in loaders}
     for r in range(args.repeats + 1):  # repeat 0 warms up (workers start, files in the page cache)
         for (b, split, m), loader in loaders.items():
-            ips = measure(loader, r)
+            ips = measure(loader, r, cpu=m == "per core")
             if r:
                 results[(b, split, m)].append(ips)
         if r:
@@ -183,7 +192,9 @@ def report(args, root, backends):
             if args.workers:
                 row += f" {fmt(results[(b, split, j)])} | {ratio(b, split, j)} |"
             print(row)
-    print("images/s: median [min-max] over repeats; vs old: the per-repeat ratio to `old`, median [min-max].")
+    print("per core: images per CPU-second; -j: images per wall-clock second; median [min-max] over repeats; "
+          "vs old: the per-repeat ratio to `old`, median [min-max]. "
+          f"Load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 def train_speed(args, root, backends):

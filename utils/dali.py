@@ -16,6 +16,7 @@ file with a valid header and corrupt data stops the run with DALI's decoder erro
 """
 import io
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -69,18 +70,21 @@ class DaliImageFolder(datasets.ImageFolder):
 
 class _Source:
     """external_source's iterable: one batch of the epoch's list per call, in order; the targets
-    and skipped paths go to a FIFO that DaliLoader pops as the pipeline's outputs come out."""
+    and skipped paths go to a FIFO that DaliLoader pops as the pipeline's outputs come out. DALI
+    calls it from the training process's thread, so files are read by a small thread pool (reads
+    release the GIL)."""
 
-    def __init__(self, dataset, batches, side):
-        self.dataset, self.batches, self.side = dataset, batches, side
+    def __init__(self, dataset, batches, side, threads):
+        self.dataset, self.batches, self.side, self.threads = dataset, batches, side, threads
         self.train = isinstance(dataset.transform, TrainTransform)
 
     def __iter__(self):
-        for batch in self.batches:
-            items = [self.dataset.read(i, s) for i, s in batch]
-            self.side.append((torch.tensor([it[4] for it in items]), [p for it in items for p in it[5]]))
-            # Validation needs only the bytes: no crop window or flip.
-            yield tuple([it[j] for it in items] for j in range(4 if self.train else 1))
+        with ThreadPoolExecutor(self.threads) as pool:
+            for batch in self.batches:
+                items = list(pool.map(lambda key: self.dataset.read(*key), batch))
+                self.side.append((torch.tensor([it[4] for it in items]), [p for it in items for p in it[5]]))
+                # Validation needs only the bytes: no crop window or flip.
+                yield tuple([it[j] for it in items] for j in range(4 if self.train else 1))
 
 
 @pipeline_def
@@ -141,8 +145,9 @@ class _Epoch:
         if not self.batches:
             return
         gpu = ld.device.type == "cuda"
-        pipe = _pipeline(_Source(ld.dataset, self.batches, side), ld.dataset.transform, "mixed" if gpu else "cpu",
-                         batch_size=ld.batch_size, num_threads=ld.threads, device_id=ld.device.index if gpu else None,
+        source = _Source(ld.dataset, self.batches, side, ld.threads)
+        pipe = _pipeline(source, ld.dataset.transform, "mixed" if gpu else "cpu", batch_size=ld.batch_size,
+                         num_threads=ld.threads, device_id=ld.device.index if gpu else None,
                          prefetch_queue_depth=ld.prefetch, exec_dynamic=True)
         pipe.build()
         for _ in self.batches:
