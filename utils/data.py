@@ -170,12 +170,14 @@ def normalize_uint8(images, dtype=torch.float32, channels_last=False, mean=IMAGE
     """
     key = (images.device, mean, std)
     if key not in _STATS:
-        _STATS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-                            for v in (mean, std))
-    m, s = _STATS[key]
+        _STATS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+                            for v in (255.0, mean, std))
+    c255, m, s = _STATS[key]
     fmt = torch.channels_last if channels_last and images.dim() == 4 else torch.contiguous_format
     x = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
-    torch.div(images, 255, out=x)
+    # 255 as a device tensor, not a Python number: CUDA turns division by a CPU scalar into
+    # multiplication by its reciprocal, which is not bit-identical to ToTensor's x / 255.
+    torch.div(images, c255, out=x)
     x.sub_(m)
     out = x if dtype == torch.float32 else torch.empty_like(x, dtype=dtype)
     return torch.div(x, s, out=out)
