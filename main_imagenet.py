@@ -11,7 +11,7 @@ from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
 from utils import cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import parse_args
-from utils.data import SafeImageFolder, check_data_root, collate_skipping, imagenet_transforms
+from utils.data import BACKENDS, SafeImageFolder, check_data_root, collate_skipping, imagenet_loader, imagenet_transforms
 from utils.demo_data import ensure_demo_dataset
 from utils.trainer import Task, run
 
@@ -23,6 +23,9 @@ def get_args_parser():
     p.add_argument("--train-crop-size", default=224, type=int, dest="train_crop_size")
     p.add_argument("--val-resize-size", default=256, type=int, dest="val_resize_size")
     p.add_argument("--val-crop-size", default=224, type=int, dest="val_crop_size")
+    p.add_argument("--data-backend", default="torch", choices=BACKENDS, dest="data_backend",
+                   help="image decoding: torch (decode_jpeg + transforms.v2 on uint8), pil (PIL decode "
+                        "and resize), dali (NVIDIA DALI, nvJPEG on the GPU; pip install -r requirements-dali.txt)")
     return p
 
 
@@ -39,8 +42,13 @@ def classes(args):
 def datasets(args, train=True):
     root = data_root(args)
     train_tf, val_tf = imagenet_transforms(args.train_crop_size, args.val_resize_size, args.val_crop_size)
-    val = SafeImageFolder(f"{root}/val", val_tf)
-    return (SafeImageFolder(f"{root}/train", train_tf) if train else None), val
+    backend = getattr(args, "data_backend", "torch")
+    if backend == "dali":
+        from utils.dali import DaliImageFolder  # optional dependency, imported only when asked for
+        return ((DaliImageFolder(f"{root}/train", train_tf) if train else None),
+                DaliImageFolder(f"{root}/val", val_tf, evaluate_once=True))
+    val = SafeImageFolder(f"{root}/val", val_tf, backend=backend, evaluate_once=True)
+    return (SafeImageFolder(f"{root}/train", train_tf, backend=backend) if train else None), val
 
 
 def model(args, num_classes):
@@ -48,7 +56,7 @@ def model(args, num_classes):
 
 
 TASK = Task(name="imagenet", archs=IMAGENET_ARCHS, attentions=ATTENTION_CHOICES, classes=classes,
-            datasets=datasets, model=model, collate_fn=collate_skipping)
+            datasets=datasets, model=model, collate_fn=collate_skipping, loader=imagenet_loader)
 
 
 def main(argv=None):

@@ -52,3 +52,9 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT):
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def pytest_configure(config):
+    # torchvision 0.29 deprecates its image decoders (utils.data.tensor_loader uses decode_jpeg): one
+    # warning per image otherwise.
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")

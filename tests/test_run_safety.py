@@ -185,26 +185,32 @@ def test_timed_saves_inside_an_epoch(data, tmp_path):
     assert ck["epoch"] == 1 and ck["iteration"] == 0
 
 
-def test_sigterm_to_every_process_of_the_job_with_loader_workers(data, tmp_path):
+def test_sigterm_to_every_process_of_the_job_with_loader_workers(data, finished, tmp_path):
     """SLURM signals every process of a job, loader workers included: they must live on while the
-    main process finishes its step and saves."""
+    main process finishes its step and saves. Augmentation is seeded per sample, so the resumed run
+    with 2 workers ends with the weights of the uninterrupted run with none."""
     cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [
-        str(a) for a in args(data, tmp_path, 1, "-p", "1", "-j", "2")]
+        str(a) for a in args(data, tmp_path, 2, "-p", "1", "-j", "2")]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         for line in proc.stdout:
-            if "Epoch: [1][ 3/30]" in line:
+            if "Epoch: [2][ 3/30]" in line:
                 os.killpg(proc.pid, signal.SIGTERM)
                 break
         out, err = proc.communicate(timeout=120)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "Traceback" not in err and "stopped by SIGTERM at epoch 1, iteration" in out
-    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
-    assert ck["epoch"] == 0 and ck["iteration"] >= 3
+    assert "Traceback" not in err and "stopped by SIGTERM at epoch 2, iteration" in out
+    run = tmp_path / RUN
+    ck = load(run / "checkpoint.pth.tar")
+    assert ck["epoch"] == 1 and ck["iteration"] >= 3
+
+    ok(run_cli(args(data, tmp_path, 2, "-j", "2", "--resume", run / "checkpoint.pth.tar")))
+    assert_same_weights(load(finished / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"))
+    assert [r["val_acc1"] for r in rows(run)] == [r["val_acc1"] for r in rows(finished)]
 
 
 def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, tmp_path):

@@ -1,19 +1,30 @@
 """Datasets, transforms, samplers and loaders. Nothing here knows about the training loop.
 
+Input pipeline (README "Input pipeline"): workers decode JPEGs with `torchvision.io.decode_jpeg`
+(PIL for what it cannot read), crop/resize/flip uint8 tensors with `torchvision.transforms.v2`, and
+batches travel as uint8 NCHW; `normalize_uint8` turns them into normalized floats on the device.
+Every random draw of a sample's augmentation comes from `sample_seed(seed, epoch, index)`, so the
+images do not depend on -j, on the number of processes, or on where an epoch was resumed.
+
 Unreadable images: skip-and-count. ImageNet has 1.28M files, so nothing decodes them all up front;
 `check_image_folder` only checks the layout (fast). When a file fails to decode, `SafeImageFolder`
 returns the next readable sample instead (so batch sizes, and DDP's collective calls, stay the same
-on every rank) and reports the bad path with the batch; the loop counts and logs them. More than
-`MAX_BAD_IN_A_ROW` unreadable files in a row stops the run: that is a broken folder, not a bad file.
+on every rank) and reports the bad path with the batch; the loop counts and logs them. In validation
+the replacement carries the target UNREADABLE and the loop drops it (engine._unpack), so every
+readable image is evaluated exactly once. More than `MAX_BAD_IN_A_ROW` unreadable files in a row
+stops the run: that is a broken folder, not a bad file.
 """
-import itertools
+import math
 import os
+import random
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchvision import datasets, transforms
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms.v2 import functional as F
 
 from . import UserError
 from .imagefiles import walk_images
@@ -22,9 +33,117 @@ from .preempt import end_workers_at_exit, ignore_stop_signals_in_worker
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_BAD_IN_A_ROW = 16
+UNREADABLE = -1  # validation target of a replacement image: not evaluated (see engine._unpack)
+BACKENDS = ("torch", "pil", "dali")
+_M64 = (1 << 64) - 1
+
+
+# ---- seeding ---------------------------------------------------------------------------------
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed, epoch, index):
+    """The seed of one sample's augmentation: a pure function of (seed, epoch, index), hashed so that
+    neighbouring samples and epochs get unrelated streams."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ epoch) ^ index) >> 1
+
+
+def rrc_params(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(top, left, h, w) of a RandomResizedCrop window, drawn from `rng` (a random.Random).
+
+    The distribution of torchvision's RandomResizedCrop.get_params: area fraction uniform in
+    `scale`, log aspect uniform in log(`ratio`), 10 tries, then the central crop of the nearest
+    allowed aspect. Our own RNG instead of the global one is what makes it seedable per sample.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ---- decoding and transforms -----------------------------------------------------------------
+
+def pil_loader(path):
+    return datasets.folder.pil_loader(path)
+
+
+def tensor_loader(path):
+    """uint8 RGB CHW tensor: libjpeg-turbo through decode_jpeg; PIL for the rest (PNG named .JPEG,
+    odd colour spaces). Raises for files neither can read."""
+    data = read_file(str(path))
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return F.pil_to_tensor(pil_loader(path))
+
+
+LOADERS = {"torch": tensor_loader, "pil": pil_loader}
+
+
+def _as_uint8_tensor(img):
+    return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
+
+
+class TrainTransform:
+    """RandomResizedCrop + horizontal flip on a uint8 tensor (or PIL image) -> uint8 CHW tensor,
+    every draw from sample_seed(...). `seeded` tells SafeImageFolder to pass the seed."""
+    seeded = True
+
+    def __init__(self, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def params(self, height, width, seed):
+        """((top, left, h, w), flip) for an image of that size: shared with the DALI backend."""
+        rng = random.Random(seed)
+        return rrc_params(height, width, rng, self.scale, self.ratio), rng.random() < 0.5
+
+    def __call__(self, img, seed):
+        h, w = F.get_size(img)
+        (top, left, ch, cw), flip = self.params(h, w, seed)
+        img = F.resized_crop(img, top, left, ch, cw, [self.size, self.size], antialias=True)
+        if flip:
+            img = F.horizontal_flip(img)
+        return _as_uint8_tensor(img).contiguous()
+
+
+class ValTransform:
+    """Resize (shorter side) + CenterCrop -> uint8 CHW tensor; deterministic."""
+    seeded = True
+
+    def __init__(self, resize_size=256, crop_size=224):
+        self.resize_size, self.crop_size = resize_size, crop_size
+
+    def __call__(self, img, seed=None):
+        img = F.resize(img, [self.resize_size], antialias=True)
+        return _as_uint8_tensor(F.center_crop(img, [self.crop_size, self.crop_size])).contiguous()
 
 
 def imagenet_transforms(train_crop_size=224, val_resize_size=256, val_crop_size=224):
+    """(train, val) transforms of the uint8 pipeline; they take a PIL image or a uint8 tensor."""
+    return TrainTransform(train_crop_size), ValTransform(val_resize_size, val_crop_size)
+
+
+def reference_transforms(train_crop_size=224, val_resize_size=256, val_crop_size=224):
+    """The previous float pipeline (PIL, ToTensor, Normalize on the CPU, global RNG): kept as the
+    reference for the equivalence tests and scripts/benchmark_loader.py."""
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = transforms.Compose([
         transforms.RandomResizedCrop(train_crop_size),
@@ -39,6 +158,31 @@ def imagenet_transforms(train_crop_size=224, val_resize_size=256, val_crop_size=
         normalize,
     ])
     return train, val
+
+
+_STATS = {}
+
+
+def normalize_uint8(images, dtype=torch.float32, channels_last=False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 NCHW (on its device) -> (x / 255 - mean) / std in `dtype`, in three elementwise kernels.
+
+    The same float32 operations as ToTensor + Normalize, so the result equals the old CPU path bit
+    for bit (rounded once to `dtype` at the end, e.g. the autocast dtype). The layout change to
+    channels_last happens in the first kernel, which also converts to float.
+    """
+    key = (images.device, mean, std)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+                            for v in (255.0, mean, std))
+    c255, m, s = _STATS[key]
+    fmt = torch.channels_last if channels_last and images.dim() == 4 else torch.contiguous_format
+    x = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
+    # 255 as a device tensor, not a Python number: CUDA turns division by a CPU scalar into
+    # multiplication by its reciprocal, which is not bit-identical to ToTensor's x / 255.
+    torch.div(images, c255, out=x)
+    x.sub_(m)
+    out = x if dtype == torch.float32 else torch.empty_like(x, dtype=dtype)
+    return torch.div(x, s, out=out)
 
 
 def check_image_folder(root):
@@ -77,7 +221,14 @@ def check_data_root(data, need_train=True):
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder whose items are (image, target, skipped_paths): see the module docstring.
 
-    Files are listed in ImageFolder's order, but a directory symlink loop is an error (utils.imagefiles).
+    backend: "torch" (decode_jpeg, PIL fallback) or "pil" (PIL decode and resize). Items may be
+    indexed by `index` or by `(index, seed)` (what EpochLoader's batches hold); seeded transforms
+    (TrainTransform, ValTransform) get that seed, plain callables only the image.
+    evaluate_once: a replacement image gets the target UNREADABLE (validation: the loop drops it,
+    so it is not evaluated twice). skipped_paths holds the sample's own file only when unreadable:
+    a bad file met while looking for a replacement is reported by its own index, so counts are
+    files, not skip events. Files are listed in ImageFolder's order, but a directory symlink loop
+    is an error (utils.imagefiles).
     """
 
     @staticmethod
@@ -86,18 +237,27 @@ class SafeImageFolder(datasets.ImageFolder):
         return [(path, class_to_idx[c]) for c in sorted(class_to_idx)
                 for path in walk_images(os.path.join(directory, c), is_image)]
 
+    def __init__(self, root, transform=None, backend="torch", evaluate_once=False):
+        if backend not in LOADERS:
+            raise UserError(f"unknown image backend {backend!r} for SafeImageFolder; choose one of: {', '.join(LOADERS)}")
+        super().__init__(root, transform, loader=LOADERS[backend])
+        self.backend, self.evaluate_once = backend, evaluate_once
+
     def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, sample_seed(0, 0, index))
         skipped = []
         for k in range(MAX_BAD_IN_A_ROW + 1):
             path, target = self.samples[(index + k) % len(self.samples)]
             try:
                 sample = self.loader(path)
-            except Exception:  # PIL raises several types for truncated/garbage files
+            except Exception:  # decoders raise several types for truncated/garbage files
                 skipped.append(path)
                 continue
             if self.transform is not None:
-                sample = self.transform(sample)
-            return sample, target, tuple(skipped)
+                sample = self.transform(sample, seed) if getattr(self.transform, "seeded", False) else self.transform(sample)
+            if skipped and self.evaluate_once:
+                target = UNREADABLE
+            return sample, target, tuple(skipped[:1])
         raise UserError(f"{len(skipped)} unreadable images in a row, e.g. {skipped[0]}")
 
 
@@ -122,58 +282,83 @@ class ShardSampler(Sampler):
 
 
 def worker_seed(seed, epoch, rank):
-    """Base seed of the loader's workers: a pure function of (seed, epoch, rank), so a resumed run
-    draws the same augmentations as an uninterrupted one."""
+    """Base seed of the loader's workers: a pure function of (seed, epoch, rank). Our transforms
+    do not use the workers' RNG (see sample_seed); this keeps other datasets' transforms seeded."""
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63)
 
 
-class SkipFirst(Sampler):
-    """The indices of `sampler` after its first `n`: a resumed epoch loads none of the batches it
-    already trained on, and the rest come in the uninterrupted epoch's order."""
+def epoch_batches(sampler, batch_size, drop_last, seed, epoch):
+    """The epoch's batches as lists of (index, sample_seed(seed, epoch, index))."""
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    idx = list(sampler)
+    stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
+    return [[(i, sample_seed(seed, epoch, i)) for i in idx[b:b + batch_size]] for b in range(0, stop, batch_size)]
 
-    def __init__(self, sampler, n):
-        self.sampler, self.n = sampler, n
+
+class _Batches(Sampler):
+    """A batch sampler whose list the loader replaces each epoch: the DataLoader (and its
+    persistent workers) stay, the indices change; they are drawn in the main process."""
+
+    def __init__(self):
+        self.batches = []
 
     def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.n, None)
+        return iter(self.batches)
 
     def __len__(self):
-        return max(0, len(self.sampler) - self.n)
+        return len(self.batches)
 
 
 class EpochLoader:
-    """A DataLoader whose shuffling and worker seeds depend only on (seed, epoch, rank).
+    """A DataLoader whose order and augmentations depend only on (seed, epoch), not on -j or rank.
 
-    `loader(epoch, start_batch=0)` returns the DataLoader for that epoch from batch `start_batch`
-    on (a mid-epoch resume); `len(loader)` is the full epoch's number of batches. Training samplers
-    are DistributedSampler (with world_size 1 in a single process), so the order is a function of
-    (seed, epoch).
+    `loader(epoch, start_batch=k)` returns the iterable of that epoch's batches from batch k on;
+    the first k are neither loaded nor decoded (their indices are sliced off), and batches k, k+1,
+    ... equal those of a full epoch bit for bit. `len(loader)` is the full number of batches.
+    Training samplers are DistributedSampler (world_size 1 in a single process), validation uses
+    ShardSampler. Workers prefetch `prefetch_factor` batches each and persist across epochs
+    (persistent_workers=None: when the dataset's transform is seeded per sample, see sample_seed).
     """
 
     def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
-                 pin_memory=False, collate_fn=None):
+                 pin_memory=False, collate_fn=None, prefetch_factor=4, persistent_workers=None):
         if train:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=False)
         else:
             self.sampler = ShardSampler(len(dataset), rank, world_size)
+        self.batch_size, self.drop_last = batch_size, train  # train: no 1-image batches for BatchNorm
+        self.generator = torch.Generator()  # DataLoader draws its base seed here, not from the global RNG
+        self.seed, self.rank = seed, rank
+        self.batches = _Batches()
         if workers:
             end_workers_at_exit()
-        self.generator = torch.Generator()
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
-        self.options = dict(dataset=dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                            drop_last=train,  # train: no 1-image batches for BatchNorm
-                            generator=self.generator, collate_fn=collate_fn,
-                            worker_init_fn=ignore_stop_signals_in_worker,
-                            persistent_workers=False)  # fresh workers each epoch, seeded from that epoch's generator
+        self.loader = DataLoader(
+            dataset, batch_sampler=self.batches, num_workers=workers, pin_memory=pin_memory,
+            generator=self.generator, collate_fn=collate_fn, worker_init_fn=ignore_stop_signals_in_worker,
+            # Persistent workers keep their RNG across epochs: by default only for per-sample seeded transforms.
+            persistent_workers=workers > 0 and (getattr(getattr(dataset, "transform", None), "seeded", False)
+                                                if persistent_workers is None else persistent_workers),
+            prefetch_factor=prefetch_factor if workers > 0 else None)
 
     def __call__(self, epoch=0, start_batch=0):
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        self.batches.batches = epoch_batches(self.sampler, self.batch_size, self.drop_last, self.seed, epoch)[start_batch:]
         self.generator.manual_seed(worker_seed(self.seed, epoch, self.rank))
-        sampler = SkipFirst(self.sampler, start_batch * self.batch_size) if start_batch else self.sampler
-        return DataLoader(sampler=sampler, **self.options)
+        return self.loader
 
     def __len__(self):
-        n, b = len(self.sampler), self.batch_size
-        return n // b if self.options["drop_last"] else -(-n // b)
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def imagenet_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
+                    pin_memory=False, collate_fn=None):
+    """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets."""
+    if getattr(dataset, "backend", None) == "dali":
+        from .dali import DaliLoader
+        # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
+        device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
+        return DaliLoader(dataset, batch_size, workers, seed, rank, world_size, train=train, device=device)
+    return EpochLoader(dataset, batch_size, workers, seed, rank, world_size, train=train,
+                       pin_memory=pin_memory, collate_fn=collate_fn)

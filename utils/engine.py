@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import UserError
+from .data import UNREADABLE, normalize_uint8
 from .distributed import all_reduce_sum
 from .logger import RunLogger
 
@@ -43,11 +44,21 @@ def _autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def _unpack(batch, device, channels_last):
+def _unpack(batch, device, channels_last, amp_dtype=None):
+    """The one place batches move to the device. uint8 image batches (utils.data) become
+    normalized floats there (in amp_dtype when given); float batches pass through as they are.
+    Rows whose target is utils.data.UNREADABLE (validation's replacements of unreadable images)
+    are dropped first, on the CPU."""
     images, target = batch[0], batch[1]
     skipped = batch[2] if len(batch) > 2 else []
+    if target.device.type == "cpu":
+        keep = target != UNREADABLE
+        if not bool(keep.all()):
+            images, target = images[keep], target[keep]
     images = images.to(device, non_blocking=True)
-    if channels_last:
+    if images.dtype == torch.uint8:
+        images = normalize_uint8(images, amp_dtype or torch.float32, channels_last)
+    elif channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, target.to(device, non_blocking=True), skipped
 
@@ -88,7 +99,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
 
     lr = lr_fn(epoch, start_iter)
     for it, batch in enumerate(loader, start=start_iter):
-        images, target, bad = _unpack(batch, device, channels_last)
+        images, target, bad = _unpack(batch, device, channels_last, amp_dtype)
         skipped += bad
         lr = lr_fn(epoch, it)
         for group in optimizer.param_groups:
@@ -157,7 +168,7 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
     seen, skipped, top_k = 0, [], 5
     bar = logger.progress(len(loader), desc)
     for batch in loader:
-        images, target, bad = _unpack(batch, device, channels_last)
+        images, target, bad = _unpack(batch, device, channels_last, amp_dtype)
         skipped += bad
         with _autocast(device, amp_dtype):
             output = model(images)
