@@ -122,7 +122,13 @@ def image_files(paths, limit):
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            by_folder = {}
+            for f in found:
+                by_folder.setdefault(f.parent, []).append(f)
+            # Round-robin over the folders: the first rows of a val/ split show one image per class.
+            files += [f for k in range(max(map(len, by_folder.values()), default=0))
+                      for group in by_folder.values() if k < len(group) for f in group[k:k + 1]]
         elif p.is_file():
             files.append(p)
         else:
@@ -242,11 +248,28 @@ def make_figure(rows, titles, title=None):
     return fig
 
 
+def save(fig, out, dpi):
+    """savefig; a PNG is then stored with a 256-colour palette: the panels are photos under a smooth
+    colour map, and a full-colour PNG of them is several times larger for no visible difference."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    if out.suffix.lower() != ".png":
+        fig.savefig(out, dpi=dpi)
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=dpi, format="png")
+        with Image.open(buf) as img:
+            img.convert("RGB").quantize(colors=256).save(out, optimize=True)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", metavar="CKPT_OR_RUN", help=".pth.tar files or run folders")
     p.add_argument("--images", nargs="+", required=True, metavar="FILE_OR_DIR",
-                   help="image files, or folders searched recursively (sorted)")
+                   help="image files, or folders searched recursively (one image per sub-folder in turn)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line in class-index order")
     p.add_argument("--layer", metavar="NAME", help="module name (default: the last block of the last stage)")
     p.add_argument("-o", "--output", default="gradcam.png", help="image file to write (default: gradcam.png)")
@@ -258,6 +281,7 @@ def main(argv=None):
     p.add_argument("--resize", type=int, default=None, help="ImageNet models: resize the short side to this")
     p.add_argument("--crop", type=int, default=None, help="ImageNet models: centre crop of this size")
     p.add_argument("--title", default=None)
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the written image (default: 100)")
     args = p.parse_args(argv)
     try:
         if args.max_images < 1:
@@ -270,7 +294,7 @@ def main(argv=None):
         fig = make_figure(rows, [column_title(info) for _, info in models], args.title)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
+        save(fig, out, args.dpi)
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")
     layers = sorted({p["layer"] for p in rows[0]["panels"]})

@@ -160,6 +160,7 @@ def test_script_on_our_reference_and_cifar_checkpoints(tmp_path, one_thread, cap
         [("resnet18", "simam", 0.1), ("resnet18", "se", 16), ("resnet20", "none", None)]
     assert [gc.column_title(i) for _, i in models] == ["ResNet-18 + SimAM (λ=0.1)", "ResNet-18 + SE (r=16)", "resnet20"]
     files = gc.image_files([data / "val"], 3)
+    assert [f.name for f in files] == ["disc_0000.JPEG", "h_stripes_0000.JPEG", "disc_0001.JPEG"]  # a class each in turn
     rows = gc.compute_panels(models, files)
     from utils.data import imagenet_transforms
     _, val_tf = imagenet_transforms(val_resize_size=40, val_crop_size=36)  # the trainer's own eval transform
