@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test summary bench clean
+.PHONY: venv demo figures test summary bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# The demo run's curves and Grad-CAM maps (one validation image per class), next to its checkpoints.
+DEMO_RUN := runs/demo/imagenet-resnet18-simam-param0.1-seed0
+figures: $(STAMP)
+	test -f $(DEMO_RUN)/model_best.pth.tar || $(PY) scripts/demo.py
+	$(PY) scripts/plot_curves.py $(DEMO_RUN) -o runs/demo/curves.png
+	OMP_NUM_THREADS=1 $(PY) scripts/gradcam.py $(DEMO_RUN) --images data/demo/val -n 10 -o runs/demo/gradcam.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

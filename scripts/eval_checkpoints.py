@@ -19,54 +19,17 @@ import torch  # noqa: E402
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net  # noqa: E402
 from utils import UserError, error_line  # noqa: E402
 from utils.args import parse_gpu_ids  # noqa: E402
-from utils.checkpoint import check_identity, load_checkpoint, load_model_weights, model_state  # noqa: E402
+from utils.checkpoint import load_checkpoint, load_model_weights, model_state  # noqa: E402
 from utils.data import EpochLoader, SafeImageFolder, check_image_folder, collate_skipping, imagenet_transforms  # noqa: E402
 from utils.engine import evaluate  # noqa: E402
-from utils.runs import csv_table, effective_param, markdown_table, sort_rows, table_row  # noqa: E402
+from utils.models import checkpoint_file  # noqa: E402
+from utils.models import identify as identify_checkpoint  # noqa: E402
+from utils.runs import csv_table, markdown_table, sort_rows, table_row  # noqa: E402
 from utils.trainer import num_classes_of  # noqa: E402
 
-IMAGENET_SIMAM_LAMBDA = 0.1
-
-
-def checkpoint_file(path):
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model_best.pth.tar", "checkpoint.pth.tar"):
-            if (path / name).is_file():
-                return path / name
-        raise UserError(f"no model_best.pth.tar or checkpoint.pth.tar in {path}")
-    return path
-
-
-def fits(model, sd):
-    own = model.state_dict()
-    return own.keys() == sd.keys() and all(own[k].shape == sd[k].shape for k in own)
-
-
 def identify(ckpt, path, args):
-    """(arch, attention_type, attention_param) of a checkpoint: recorded, given, or inferred."""
-    sd = model_state(ckpt)
-    arch = ckpt.get("arch") or args.arch
-    if arch is None:
-        raise UserError(f"{path} does not record its architecture: pass -a ARCH")
-    if arch not in IMAGENET_ARCHS:
-        raise UserError(f"{path}: unknown arch {arch!r}; choose one of: {', '.join(IMAGENET_ARCHS)}")
-    att = ckpt.get("attention_type") or args.attention_type
-    if att is None:  # the reference's checkpoints: the layout tells the module apart
-        n = num_classes_of(sd)
-        att = next((t for t in ATTENTION_CHOICES if fits(create_net(arch, t, None, num_classes=n), sd)), None)
-        if att is None:
-            raise UserError(f"{path} fits no {arch} with attention {', '.join(ATTENTION_CHOICES)}")
-    param = ckpt.get("attention_param", args.attention_param)
-    if param is None and att == "simam":
-        param = IMAGENET_SIMAM_LAMBDA
-        print(f"note: {path} does not record SimAM's lambda; using {param} (override: --attention_param)",
-              file=sys.stderr)
-    param = effective_param(att, param)
-    check_identity(ckpt, path, arch if args.arch is None else args.arch,
-                   att if args.attention_type is None else args.attention_type,
-                   param if args.attention_param is None else args.attention_param)
-    return arch, att, param
+    """(arch, attention_type, attention_param) of a checkpoint: recorded, given, or inferred (utils.models)."""
+    return identify_checkpoint(ckpt, path, args.arch, args.attention_type, args.attention_param, archs=IMAGENET_ARCHS)
 
 
 def evaluate_checkpoint(path, val_dir, classes, args, device):
