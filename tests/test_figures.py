@@ -162,8 +162,8 @@ def test_script_on_our_reference_and_cifar_checkpoints(tmp_path, one_thread, cap
     files = gc.image_files([data / "val"], 3)
     assert [f.name for f in files] == ["disc_0000.JPEG", "h_stripes_0000.JPEG", "disc_0001.JPEG"]  # a class each in turn
     rows = gc.compute_panels(models, files)
-    from utils.data import imagenet_transforms
-    _, val_tf = imagenet_transforms(val_resize_size=40, val_crop_size=36)  # the trainer's own eval transform
+    from utils.data import reference_transforms
+    _, val_tf = reference_transforms(val_resize_size=40, val_crop_size=36)  # PIL Resize + CenterCrop, as --data-backend pil
     for f, row in zip(files, rows):
         truth = f.parent.name
         assert row["truth"] == truth
