@@ -88,7 +88,7 @@ def test_cifar_rows_carry_num_classes():
     assert [(r["num_classes"], r["params"]) for r in data] == [(10, 272474), (100, 278324)]
 
 
-@pytest.mark.parametrize("args", [["-a", "resnet19"], ["--attention_type", "eca"]])
+@pytest.mark.parametrize("args", [["-a", "resnet19"], ["--attention_type", "nope"]])
 def test_unknown_names(args):
     out = run_summary(*args)
     assert out.returncode == 2
