@@ -82,6 +82,10 @@ def test_new_attention_is_one_registry_entry(monkeypatch):
         placement = "mid"
         default_param = 2.0
 
+        @classmethod
+        def check_param(cls, param):
+            return float(param)
+
         def __init__(self, channels, factor):
             super().__init__()
             self.factor = factor
