@@ -3,8 +3,8 @@
     s   = sigmoid(W2 relu(W1 avgpool_HW(x))),  W1: [C/r, C], W2: [C, C/r], no biases
     out = x * s
 
-C/r is floor(C / r), at least 1: a reduction larger than the channel count gives one hidden unit
-(the reference's layout for every network it builds; the reduction is never clamped).
+C/r is floor(C / r), at least 1 (the reference's rule): a reduction larger than the channel count
+builds one hidden unit rather than failing.
 """
 from torch import nn
 
