@@ -14,6 +14,7 @@ from networks.cifar_preresnet import CifarPreResNet, PreActBottleneck
 from networks.cifar_resnet import Bottleneck as CifarBottleneck
 from networks.cifar_resnet import CifarResNet
 from networks.cifar_wideresnet import WideResNet
+from networks.mobilenetv2 import MobileNetV2
 from networks.resnet import BasicBlock, Bottleneck, ResNet
 from utils.args import run_name
 
@@ -269,29 +270,38 @@ def positions(model, kind):
     return out
 
 
+@pytest.fixture
+def no_init(monkeypatch):
+    """Layouts only: skip the weight initialisers (the networks are built on the CPU with uninitialised
+    weights, faster than the meta device, whose initialisers run Python decompositions)."""
+    for fn in ("kaiming_normal_", "kaiming_uniform_", "normal_", "uniform_", "ones_", "zeros_", "constant_"):
+        monkeypatch.setattr(nn.init, fn, lambda t, *a, **k: t)
+
+
 @pytest.mark.parametrize("arch", model_names())
-def test_every_network_builds_each_module_where_se_sits(arch):
-    """Layout on the meta device: each new module takes the place of SE (same block, same wrapped layer,
-    same channels), and the network's parameters are the plain network's plus the module's formula."""
-    with torch.device("meta"):
-        se = create_net(arch, "se", num_classes=10)
-        where = positions(se, SEModule)
-        plain = sum(p.numel() for p in se.parameters()) - sum(param_formula("se", c) for c in where.values())
-        assert where
-        for name in NEW:
-            model = create_net(arch, name, num_classes=10)
-            assert positions(model, ATTENTIONS[name]) == where, name
-            expected = plain + sum(param_formula(name, c) for c in where.values())
-            assert sum(p.numel() for p in model.parameters()) == expected, name
+def test_every_network_builds_each_module_where_se_sits(arch, no_init):
+    """Layout (weights left uninitialised): each new module takes the place of SE (same block, same
+    wrapped layer, same channels), and the network's parameters are the plain network's plus the
+    module's formula."""
+    se = create_net(arch, "se", num_classes=10)
+    where = positions(se, SEModule)
+    plain = sum(p.numel() for p in se.parameters()) - sum(param_formula("se", c) for c in where.values())
+    assert where
+    for name in NEW:
+        model = create_net(arch, name, num_classes=10)
+        assert positions(model, ATTENTIONS[name]) == where, name
+        expected = plain + sum(param_formula(name, c) for c in where.values())
+        assert sum(p.numel() for p in model.parameters()) == expected, name
 
 
 # One network per block family (ImageNet basic / grouped bottleneck / inverted residual; CIFAR
-# post-activation basic and bottleneck, pre-activation bottleneck, wide, inverted residual), kept small.
+# post-activation basic and bottleneck, pre-activation bottleneck, wide, inverted residual), kept small:
+# one block per stage or a narrow width; 32x32 inputs for the ImageNet nets, 16x16 for the CIFAR ones.
 FAMILIES = {
     "resnet-basic": lambda a: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, attention=attention_layer(a)),
     "resnext-bottleneck": lambda a: ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, groups=32, width_per_group=4,
                                            attention=attention_layer(a)),
-    "mobilenet_v2": lambda a: create_net("mobilenet_v2", attention_type=a, num_classes=10),
+    "mobilenet_v2": lambda a: MobileNetV2(num_classes=10, width_mult=0.5, attention=attention_layer(a)),
     "resnet20": lambda a: create_net("resnet20", attention_type=a, num_classes=10),
     "cifar-bottleneck": lambda a: CifarResNet(CifarBottleneck, 1, attention=attention_layer(a)),
     "preresnet-bottleneck": lambda a: CifarPreResNet(PreActBottleneck, 1, attention=attention_layer(a)),
@@ -300,9 +310,14 @@ FAMILIES = {
 }
 
 
+def tiny_input(family):
+    size = 32 if family in ("resnet-basic", "resnext-bottleneck", "mobilenet_v2") else 16
+    return torch.randn(2, 3, size, size)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_forward_backward_tiny_input(family):
-    x = torch.randn(2, 3, 32, 32)
+    x = tiny_input(family)
     for name in NEW:
         torch.manual_seed(0)
         model = FAMILIES[family](name).train()
@@ -318,7 +333,7 @@ def test_forward_backward_tiny_input(family):
 def test_module_input_is_the_tensor_se_receives(family):
     """Same backbone weights, every attention module turned into the identity by a hook: per block,
     the new module's input is exactly the tensor SE's receives."""
-    x = torch.randn(2, 3, 32, 32)
+    x = tiny_input(family)
 
     def inputs(model, kind):
         seen = {}

@@ -2,7 +2,8 @@
 
     a       = softmax_j(W_k x_j + b_k)                   # W_k: Conv2d(C, 1, 1), over the H*W positions j
     context = sum_j a_j x_j                              # [N, C, 1, 1]
-    t       = W_v2 relu(LayerNorm(W_v1 context))         # Conv2d(C, C/r, 1) -> LN over [C/r, 1, 1] -> ReLU -> Conv2d(C/r, C, 1)
+    t       = W_v2 relu(LayerNorm(W_v1 context))         # Conv2d(C, C/r, 1) -> LN over [C/r, 1, 1] -> ReLU
+                                                         #   -> Conv2d(C/r, C, 1)
     out     = x + t                                      # t broadcast over H, W
 
 All convs have biases. C/r is floor(C / r), at least 1 (as SE). The last conv starts at zero
