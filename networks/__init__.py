@@ -12,9 +12,10 @@ IMAGENET_ARCHS = tuple(model_names("imagenet"))
 
 
 def create_net(arch, attention_type="none", attention_param=None, num_classes=1000):
-    """Build `arch` with `attention_type` (none, se, cbam, simam) in every block.
+    """Build `arch` with `attention_type` (one of ATTENTION_CHOICES) in every block.
 
-    attention_param: SE/CBAM reduction or SimAM lambda; None means the module's default.
+    attention_param: SE/CBAM/GC/CoordAtt reduction, SimAM lambda or ECA kernel size; None means the
+    module's default (SRM and Triplet take none). A value the module cannot take raises ValueError.
     """
     if arch not in MODELS:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(MODELS)}")

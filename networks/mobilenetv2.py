@@ -6,6 +6,7 @@ torchvision's weights still load with strict=True.
 """
 from torch import nn
 
+from .attentions import init_attention_weights
 from .registry import register_model
 
 
@@ -82,6 +83,7 @@ class MobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        init_attention_weights(self)  # e.g. GC's zero last conv, which the loop above overwrote
 
     def forward_features(self, x):
         return self.features(x)

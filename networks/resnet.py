@@ -5,7 +5,7 @@ reference code (so attention networks load the authors' checkpoints with strict=
 """
 from torch import nn
 
-from .attentions import attach
+from .attentions import attach, init_attention_weights
 from .registry import register_model
 
 
@@ -85,6 +85,7 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        init_attention_weights(self)  # e.g. GC's zero last conv, which the loop above overwrote
 
     def _make_layer(self, block, planes, blocks, stride, attention):
         downsample = None

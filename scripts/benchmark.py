@@ -4,7 +4,8 @@
     python scripts/benchmark.py --device cuda --amp --channels-last --batch 64
 
 For every attention type (none, se, cbam, simam: the fused default, simam-eager: the analytic
-Function in plain ops, simam-formula: the paper's formula under autograd) it measures:
+Function in plain ops, simam-formula: the paper's formula under autograd, and the later modules eca,
+gc, srm, coordatt, triplet at their default parameters) it measures:
   module  forward+backward of the module alone on one tensor (default 16x256x56x56), next to
           `copy` -- four copy_ calls of that tensor (eight passes over it), the memory-traffic floor;
   network one training step (forward, cross-entropy, backward, SGD step) of --model;
@@ -33,7 +34,7 @@ from networks import MODELS, create_attention, create_net, model_names  # noqa: 
 from networks.attentions import simam_fused  # noqa: E402
 from networks.attentions.simam import SimAM  # noqa: E402
 
-VARIANTS = ("none", "se", "cbam", "simam", "simam-eager", "simam-formula")
+VARIANTS = ("none", "se", "cbam", "simam", "simam-eager", "simam-formula", "eca", "gc", "srm", "coordatt", "triplet")
 
 
 def parse_args(argv=None):

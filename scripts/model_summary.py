@@ -55,7 +55,8 @@ def main(argv=None):
     p.add_argument("--dataset", choices=sorted(DATASETS), default="imagenet")
     p.add_argument("-a", "--arch", default=None, help="only this arch")
     p.add_argument("--attention_type", default=None, help="only this attention: " + ", ".join(ATTENTION_CHOICES))
-    p.add_argument("--attention_param", type=float, default=None, help="SE/CBAM reduction or SimAM lambda")
+    p.add_argument("--attention_param", type=float, default=None,
+                   help="SE/CBAM/GC/CoordAtt reduction, SimAM lambda or ECA kernel size (default: each module's own)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     args = p.parse_args(argv)
 
@@ -64,8 +65,13 @@ def main(argv=None):
         p.error(f"unknown {args.dataset} arch {args.arch!r}; choose one of: {', '.join(archs)}")
     if args.attention_type is not None and args.attention_type not in ATTENTION_CHOICES:
         p.error(f"unknown attention type {args.attention_type!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
-    rows = summary_rows(args.dataset, [args.arch] if args.arch else None,
-                        [args.attention_type] if args.attention_type else None, args.attention_param)
+    attentions = [args.attention_type] if args.attention_type else None
+    if args.attention_param is not None and attentions is None:  # one value means one module's parameter
+        p.error("--attention_param needs --attention_type")
+    try:
+        rows = summary_rows(args.dataset, [args.arch] if args.arch else None, attentions, args.attention_param)
+    except ValueError as e:  # a parameter the module cannot take
+        p.error(str(e))
     print(json.dumps(rows, indent=1) if args.json else markdown(rows), end="\n" if args.json else "")
 
 

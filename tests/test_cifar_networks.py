@@ -140,5 +140,5 @@ def test_attention_param_reaches_cifar_modules():
 def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown arch 'resnet21'.*resnet20"):
         create_net("resnet21", num_classes=10)
-    with pytest.raises(ValueError, match="unknown attention type 'eca'"):
-        create_net("preresnet164", "eca", num_classes=10)
+    with pytest.raises(ValueError, match="unknown attention type 'nope'"):
+        create_net("preresnet164", "nope", num_classes=10)

@@ -58,3 +58,20 @@ def test_seeds_become_mean_and_sample_std(tmp_path, capsys):
     make_table().main([str(tmp_path), "--per-seed", "--csv"])
     per_seed = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert sorted(float(r["top1"]) for r in per_seed if r["attention"] == "simam") == sorted(bests)
+
+
+def test_later_modules_are_labelled_and_ordered(tmp_path, capsys):
+    """ECA/GC/SRM/CoordAtt/Triplet rows: labels (a None parameter too), the table's order, their params."""
+    for i, (att, param) in enumerate([("triplet", None), ("coordatt", None), ("srm", None), ("gc", 8.0),
+                                      ("eca", None), ("eca", 3.0), ("se", 16.0), ("none", None)]):
+        fake_run(tmp_path / str(i), 0, 60.0 + i, attention=att, param=param)
+    make_table().main([str(tmp_path / str(i)) for i in range(8)])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "(CIFAR-100)" in ln]
+    labels = [ln.split(" | ")[1] for ln in lines]
+    assert labels == ["none", "SE (r=16)", "ECA (k=adaptive)", "ECA (k=3)", "GC (r=8)", "SRM", "CoordAtt (r=32)",
+                      "Triplet"]
+    # SRM: a [C, 2] channel-wise FC and a BN per block, C = 16/32/64 in 3 blocks each, on ResNet-20's 0.278 M.
+    from networks import create_net
+    plain = sum(p.numel() for p in create_net("resnet20", num_classes=100).parameters())
+    srm = next(ln for ln in lines if "| SRM |" in ln)
+    assert f"{(plain + 3 * 4 * (16 + 32 + 64)) / 1e6:.3f} M" in srm

@@ -60,8 +60,8 @@ def test_plain_networks_load_torchvision_weights(arch):
 def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown arch 'resnet19'.*resnet18"):
         create_net("resnet19")
-    with pytest.raises(ValueError, match="unknown attention type 'eca'.*simam"):
-        create_net("resnet18", "eca")
+    with pytest.raises(ValueError, match="unknown attention type 'nope'.*simam"):
+        create_net("resnet18", "nope")
     with pytest.raises(ValueError, match="unknown attention type"):
         create_attention("nope", 64)
 
@@ -81,6 +81,10 @@ def test_new_attention_is_one_registry_entry(monkeypatch):
     class Scale(nn.Module):
         placement = "mid"
         default_param = 2.0
+
+        @classmethod
+        def check_param(cls, param):
+            return float(param)
 
         def __init__(self, channels, factor):
             super().__init__()

@@ -27,7 +27,7 @@ from utils.runs import PAPER, read_run  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "imagenet"
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "mobilenet_v2")
-ATTS = ("none", "se", "cbam", "simam")
+ATTS = ("none", "se", "cbam", "simam", "eca", "gc", "srm", "coordatt", "triplet")
 # Tiny overrides of the real configs: 32 px crops, 8-image batches, a learning rate that suits them.
 TINY = ["--epochs", "2", "-b", "4", "--lr", "0.01", "--train-crop-size", "32", "--val-resize-size", "36",
         "--val-crop-size", "32", "-p", "100", "-j", "0", "--seed", "0"]
@@ -49,13 +49,15 @@ def rows_of(run):
 
 def test_configs_carry_the_papers_recipe():
     files = sorted(CONFIGS.glob("*.toml"))
-    assert {f.stem for f in files} == {f"{a}_{t}" for a in ARCHS for t in ATTS} and len(files) == 24
+    assert {f.stem for f in files} == {f"{a}_{t}" for a in ARCHS for t in ATTS} and len(files) == 54
     for f in files:
         arch, att = f.stem.rsplit("_", 1)
         raw = tomllib.loads(f.read_text())
         args = parse_args(get_args_parser(), ["--config", str(f)])  # the trainer's own merge
         assert (args.arch, args.attention_type) == (arch, att), f
-        assert raw.get("attention_param") == {"none": None, "se": 16, "cbam": 16, "simam": 0.1}[att], f
+        params = {"none": None, "se": 16, "cbam": 16, "simam": 0.1, "eca": None, "gc": 16, "srm": None, "coordatt": 32,
+                  "triplet": None}
+        assert raw.get("attention_param") == params[att], f
         assert (args.batch_size, args.momentum, args.train_crop_size, args.val_resize_size,
                 args.val_crop_size, args.warmup_epochs, args.label_smoothing) == (256, 0.9, 224, 256, 224, 0, 0), f
         if arch == "mobilenet_v2":

@@ -4,10 +4,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from thop import profile
 
 from conftest import ROOT
 from networks import create_net
-from utils.flops import profile_model
+from networks.attentions import create_attention
+from utils.flops import PAPER_OPS, profile_model
 
 # The paper's table (SimAM rows; plain networks have the same figures): params M, FLOPs G.
 PAPER = {
@@ -20,7 +23,8 @@ PAPER = {
 def rows():
     sys.path.insert(0, str(ROOT / "scripts"))
     from model_summary import summary_rows
-    return {(r["arch"], r["attention_type"]): r for r in summary_rows("imagenet", archs=list(PAPER))}
+    rows = summary_rows("imagenet", archs=list(PAPER), attentions=["none", "se", "cbam", "simam"])
+    return {(r["arch"], r["attention_type"]): r for r in rows}
 
 
 @pytest.mark.parametrize("arch", sorted(PAPER))
@@ -88,8 +92,90 @@ def test_cifar_rows_carry_num_classes():
     assert [(r["num_classes"], r["params"]) for r in data] == [(10, 272474), (100, 278324)]
 
 
-@pytest.mark.parametrize("args", [["-a", "resnet19"], ["--attention_type", "eca"]])
+@pytest.mark.parametrize("args", [["-a", "resnet19"], ["--attention_type", "nope"]])
 def test_unknown_names(args):
     out = run_summary(*args)
     assert out.returncode == 2
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1 and "unknown" in out.stderr
+
+
+def summary_main(argv, capsys):
+    """scripts/model_summary.py's main in this process: (exit status, stdout, stderr)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from model_summary import main
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-a", "resnet18", "--attention_type", "se", "--attention_param", "0"],
+     "se: reduction must be an integer >= 1, got 0"),
+    (["-a", "resnet18", "--attention_type", "eca", "--attention_param", "4"],
+     "eca: kernel size must be an odd integer >= 1, got 4"),
+    (["-a", "resnet18", "--attention_type", "srm", "--attention_param", "16"], "srm: takes no parameter"),
+    (["-a", "resnet18", "--attention_param", "8"], "--attention_param needs --attention_type"),
+])
+def test_bad_parameters_are_one_line(args, message, capsys):
+    code, out, err = summary_main(args, capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err
+
+
+# ---- the later modules (ECA, GC, SRM, CoordAtt, Triplet): layers thop 0.0.31 had no rule for
+
+def module_counts(name, c, h, w, param=None):
+    """thop (our 2020 rules) on the module alone, one [1, C, H, W] input."""
+    m = create_attention(name, c, param).eval()
+    flops, params = profile(m, inputs=(torch.zeros(1, c, h, w),), custom_ops=PAPER_OPS, verbose=False)
+    return int(flops), int(params), sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("c,h,w", [(64, 56, 56), (40, 7, 9)])
+def test_module_counts_by_hand(c, h, w):
+    """Conv (1d and 2d) out x (in/groups x k + bias), BN and LayerNorm 2 x in, avg-pool out x (window + 1);
+    Hardswish and Sigmoid 0. Every parameter is counted (a layer without a rule would drop its own)."""
+    hw = h * w
+    k = 3  # ECA's adaptive size for 40 and 64 channels: int((log2 C + 1) / 2) = 3, odd
+    gk = c // 16
+    m = max(8, c // 32)
+    expected = {
+        "eca": c * (hw + 1) + c * k,
+        "gc": hw * (c + 1) + gk * (c + 1) + 2 * gk + c * (gk + 1),
+        "srm": c * 2 + 2 * c,
+        "coordatt": c * h * (w + 1) + c * w * (h + 1) + m * (h + w) * (c + 1) + 2 * m * (h + w)
+        + c * h * (m + 1) + c * w * (m + 1),
+        "triplet": (2 * 49 + 2) * (c * w + h * c + h * w),
+    }
+    for name, flops in expected.items():
+        got, thop_params, params = module_counts(name, c, h, w)
+        assert got == flops, name
+        assert thop_params == params > 0, name
+
+
+def test_new_module_elementwise_by_hand():
+    # ResNet-18 at 224: the modules see each BasicBlock's bn2 output, 2 blocks per stage.
+    stages = [(64, 56), (128, 28), (256, 14), (512, 7)]
+    per_module = {
+        "eca": lambda c, s: c * s * s + c,
+        "gc": lambda c, s: 2 * c * s * s + 5 * s * s + 5 * (c // 16) + 4,
+        "srm": lambda c, s: c * (5 * s * s + 5),
+        "coordatt": lambda c, s: 5 * max(8, c // 32) * 2 * s + 2 * c * s + 2 * c * s * s,
+        "triplet": lambda c, s: 12 * c * s * s + 2 * (2 * c * s + s * s),
+    }
+    for name, rule in per_module.items():
+        expected = sum(2 * rule(c, s) for c, s in stages)
+        assert profile_model(create_net("resnet18", name))["attention_elementwise"] == expected, name
+
+
+def test_new_modules_in_the_summary(capsys):
+    code, out, _ = summary_main(["-a", "resnet50", "--attention_type", "eca", "--json"], capsys)
+    (row,) = json.loads(out)
+    # Plain ResNet-50 plus one adaptive ECA kernel per bottleneck: C = 256, 512, 1024 -> k = 5; 2048 -> 7.
+    assert code == 0 and row["attention_param"] is None
+    assert row["params"] == 25557032 + 5 * (3 + 4 + 6) + 7 * 3
+    code, out, _ = summary_main(["-a", "resnet18", "--attention_type", "triplet"], capsys)
+    assert code == 0 and "| resnet18 | triplet | 11.69 | 1.83 |" in out

@@ -212,7 +212,7 @@ def test_bad_arguments_give_one_clear_line(tiny_data, tmp_path, capsys):
         ([empty], f"class folder has no images: {empty / 'train' / 'disc'}"),
         ([tiny_data, "--resume", tmp_path / "missing.pth"], "--resume checkpoint not found"),
         ([tiny_data, "-a", "resnet19"], "unknown arch 'resnet19'"),
-        ([tiny_data, "--attention_type", "eca"], "unknown attention type 'eca'"),
+        ([tiny_data, "--attention_type", "nope"], "unknown attention type 'nope'"),
         ([tiny_data, "--config", cfg], "unknown key 'bogus_key'"),
         ([tiny_data, "-e"], "-e needs --resume"),
         ([tiny_data, "--amp", "fp8"], "invalid choice: 'fp8'"),

@@ -8,6 +8,10 @@ The paper's table comes from thop 0.0.31 (2020): FLOPs = multiply-adds for one 3
 The thop installed here (0.1.x) drops the conv bias term and counts an affine batchnorm as
 4 * in_elements, which raises e.g. ResNet-50 from 4.11 G to 4.13 G. We still count with thop, but
 override those two rules through `custom_ops` so the figures match the paper to the last digit.
+Layers thop 0.0.31 had no rule for, which the later attention modules use, get one here:
+  layernorm  2 * in_elements, as batchnorm (GC's; its statistics go to attention_elementwise)
+  hardswish, sigmoid  0, as ReLU (CoordAtt's; their work goes to attention_elementwise)
+(Conv1d -- ECA, SRM -- was already a conv in 0.0.31 and takes the conv rule above.)
 
 What the convention leaves out -- the attention modules' own element-wise work (SimAM's formula,
 the sigmoid gates and the rescaling in SE/CBAM, CBAM's functional poolings) -- is counted
@@ -21,8 +25,13 @@ import torch
 from torch import nn
 
 from networks.attentions.cbam import CBAMModule
+from networks.attentions.coordatt import CoordAtt
+from networks.attentions.eca import ECAModule
+from networks.attentions.gc import GCModule
 from networks.attentions.se import SEModule
 from networks.attentions.simam import SimAM
+from networks.attentions.srm import SRMModule
+from networks.attentions.triplet import TripletAttention
 
 
 # ---------------------------------------------------------------- thop 0.0.31 rules
@@ -38,9 +47,17 @@ def _count_bn_2020(m, x, y):
     m.total_ops += torch.DoubleTensor([2 * x[0].numel()])
 
 
+def _count_zero(m, x, y):
+    # Activations count nothing in this convention (thop's ReLU rule); thop >= 0.1 registering a rule
+    # also makes it count the layer's parameters (none here).
+    m.total_ops += torch.DoubleTensor([0])
+
+
 PAPER_OPS = {t: _count_conv_2020 for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d,
                                            nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
-PAPER_OPS.update({t: _count_bn_2020 for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)})
+PAPER_OPS.update({t: _count_bn_2020 for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                               nn.LayerNorm)})
+PAPER_OPS.update({t: _count_zero for t in (nn.Hardswish, nn.Sigmoid)})
 
 
 # ---------------------------------------------------------------- element-wise work thop leaves out
@@ -65,7 +82,52 @@ def cbam_elementwise(n, c, h, w):
     return n * (6 * c * h * w + 3 * c + 2 * h * w)
 
 
-ELEMENTWISE = {SimAM: simam_elementwise, SEModule: se_elementwise, CBAMModule: cbam_elementwise}
+def eca_elementwise(n, c, h, w):
+    """thop counts the pooling and the Conv1d; left, as SE: sigmoid (C) and x * gate (CHW)."""
+    return n * (c * h * w + c)
+
+
+def gc_elementwise(n, c, h, w, hidden):
+    """thop counts the convs and the LayerNorm's scale-and-shift. Left: softmax over the HW positions
+    (max, subtract, exp, sum, divide: 5 HW), the context as multiply-adds (CHW, the conv convention),
+    the LayerNorm's statistics over K = C/r values (mean K + 1, subtract K, square K, variance K + 1,
+    + eps, rsqrt, normalise K: 5 K + 4), the fusion x + t (CHW). Total 2 CHW + 5 HW + 5 K + 4."""
+    return n * (2 * c * h * w + 5 * h * w + 5 * hidden + 4)
+
+
+def srm_elementwise(n, c, h, w):
+    """thop counts the channel-wise FC (a depthwise Conv1d, 2 C) and its BN. Left, per channel of
+    M = HW values: mean (M + 1), std (subtract, square, sum: 3 M; divide, + eps, sqrt: 3), sigmoid (1),
+    x * gate (M): 5 M + 5."""
+    return n * c * (5 * h * w + 5)
+
+
+def coordatt_elementwise(n, c, h, w, mid):
+    """thop counts both poolings, the three convs and the BN. Left: h-swish on the m x (H + W)
+    features (add, two clamps, multiply, divide: 5 each), the two sigmoids (C H + C W) and
+    x * a_h * a_w (2 CHW)."""
+    return n * (5 * mid * (h + w) + c * (h + w) + 2 * c * h * w)
+
+
+def triplet_elementwise(n, c, h, w):
+    """thop counts the three 7x7 convs and their BNs. Left, per branch on a plane of P positions
+    pooled over A values (A P = CHW): Z-pool (max A P, mean A P + P), sigmoid (P), u * gate (A P):
+    3 CHW + 2 P; the planes are C W, H C, H W. Then (cw + hc + hw) / 3: 3 CHW.
+    Total 12 CHW + 2 (CW + CH + HW)."""
+    return n * (12 * c * h * w + 2 * (c * w + c * h + h * w))
+
+
+# Each: (module, input shape) -> ops. Modules whose count depends on their width read it off the module.
+ELEMENTWISE = {
+    SimAM: lambda m, *s: simam_elementwise(*s),
+    SEModule: lambda m, *s: se_elementwise(*s),
+    CBAMModule: lambda m, *s: cbam_elementwise(*s),
+    ECAModule: lambda m, *s: eca_elementwise(*s),
+    GCModule: lambda m, *s: gc_elementwise(*s, hidden=m.transform[0].out_channels),
+    SRMModule: lambda m, *s: srm_elementwise(*s),
+    CoordAtt: lambda m, *s: coordatt_elementwise(*s, mid=m.conv1.out_channels),
+    TripletAttention: lambda m, *s: triplet_elementwise(*s),
+}
 
 
 # ---------------------------------------------------------------- profiling
@@ -110,7 +172,7 @@ def profile_model(model, image_size=224):
             mod.impl = "formula"  # plain ops: the compiled kernel has nothing to offer on meta tensors
         rule = ELEMENTWISE.get(type(mod))
         if rule is not None:
-            mod.register_forward_hook(lambda _m, x, _y, rule=rule: work.append(rule(*x[0].shape)))
+            mod.register_forward_hook(lambda m_, x, _y, rule=rule: work.append(rule(m_, *x[0].shape)))
     x = torch.zeros(1, 3, image_size, image_size, device="meta")
     flops, params = profile(m, inputs=(x,), custom_ops=PAPER_OPS, verbose=False)
     return dict(params=int(params), flops=int(flops), attention_elementwise=int(sum(work)))

@@ -41,8 +41,11 @@ IMAGE_SIZE = {"imagenet": 224, "cifar10": 32, "cifar100": 32}
 ARCH_ORDER = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "mobilenet_v2")
 ARCH_LABEL = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
               "resnet152": "ResNet-152", "resnext50_32x4d": "ResNeXt-50 (32x4d)", "mobilenet_v2": "MobileNetV2"}
-ATT_ORDER = ("none", "se", "cbam", "simam")
-ATT_LABEL = {"none": "none", "se": "SE", "cbam": "CBAM", "simam": "SimAM"}
+ATT_ORDER = ("none", "se", "cbam", "simam", "eca", "gc", "srm", "coordatt", "triplet")
+ATT_LABEL = {"none": "none", "se": "SE", "cbam": "CBAM", "simam": "SimAM", "eca": "ECA", "gc": "GC", "srm": "SRM",
+             "coordatt": "CoordAtt", "triplet": "Triplet"}
+PARAM_SYMBOL = {"simam": "λ", "eca": "k"}  # the others' parameter is a reduction r
+PARAM_NONE = {"eca": "k=adaptive"}  # what a None parameter means; SRM and Triplet have none: no brackets
 
 
 def effective_param(attention_type, attention_param):
@@ -52,10 +55,13 @@ def effective_param(attention_type, attention_param):
 
 
 def attention_label(attention_type, param):
+    """e.g. "SimAM (λ=0.1)", "SE (r=16)", "ECA (k=adaptive)", "SRM"."""
     if attention_type == "none":
         return "none"
-    symbol = "λ" if attention_type == "simam" else "r"
-    return f"{ATT_LABEL.get(attention_type, attention_type)} ({symbol}={param:g})"
+    label = ATT_LABEL.get(attention_type, attention_type)
+    if param is None:
+        return f"{label} ({PARAM_NONE[attention_type]})" if attention_type in PARAM_NONE else label
+    return f"{label} ({PARAM_SYMBOL.get(attention_type, 'r')}={param:g})"
 
 
 # ---------------------------------------------------------------- run folders

@@ -7,19 +7,34 @@ Adding a module: one new file with the class, one entry in ATTENTIONS.
 placement:
   "mid" -- inside the residual branch, right after the spatial (3x3 or depthwise) conv, before its norm
   "end" -- at the end of the residual branch, after its last norm, before the addition
+
+Each class also validates its own parameter (`check_param(param)`: the value it builds with, or a
+one-line ValueError such as "se: reduction must be an integer >= 1, got 0"), and may define
+`init_weights()`, which a network calls after its own initialisation loop (GC's zero last conv).
 """
+
 from typing import Optional
 
 from torch import nn
 
 from .cbam import CBAMModule
+from .coordatt import CoordAtt
+from .eca import ECAModule
+from .gc import GCModule
 from .se import SEModule
 from .simam import SimAM
+from .srm import SRMModule
+from .triplet import TripletAttention
 
 ATTENTIONS = {
     "se": SEModule,
     "cbam": CBAMModule,
     "simam": SimAM,
+    "eca": ECAModule,
+    "gc": GCModule,
+    "srm": SRMModule,
+    "coordatt": CoordAtt,
+    "triplet": TripletAttention,
 }
 ATTENTION_CHOICES = ("none",) + tuple(ATTENTIONS)
 
@@ -32,8 +47,7 @@ def _lookup(name: str):
 
 def create_attention(name: str, channels: int, param=None) -> nn.Module:
     """The attention module `name` for a `channels`-channel map; param=None means its default."""
-    cls = _lookup(name)
-    return cls(channels, cls.default_param if param is None else param)
+    return _lookup(name)(channels, resolve_param(name, param))
 
 
 class AttentionLayer:
@@ -52,10 +66,18 @@ class AttentionLayer:
 
 
 def resolve_param(name: Optional[str], param=None):
-    """The parameter a module really uses: `param`, or the module's default; None without attention."""
+    """The parameter a module really uses: `param`, or the module's default; None without attention
+    and for modules without a parameter (srm, triplet) or with an adaptive default (eca).
+
+    A value the module cannot take raises ValueError (the module's `check_param`). The value comes back
+    as given (16.0 stays 16.0), so run folders and checkpoints keep today's names and records.
+    """
     if name is None or name == "none":
         return None
-    return _lookup(name).default_param if param is None else param
+    cls = _lookup(name)
+    param = cls.default_param if param is None else param
+    cls.check_param(param)
+    return param
 
 
 def attention_layer(name: Optional[str], param=None) -> Optional[AttentionLayer]:
@@ -63,6 +85,14 @@ def attention_layer(name: Optional[str], param=None) -> Optional[AttentionLayer]
     if name is None or name == "none":
         return None
     return AttentionLayer(name, param)
+
+
+def init_attention_weights(model: nn.Module) -> None:
+    """Re-apply each attention module's own init (`init_weights`) after a network's init loop."""
+    kinds = tuple(ATTENTIONS.values())
+    for m in model.modules():
+        if isinstance(m, kinds) and hasattr(m, "init_weights"):
+            m.init_weights()
 
 
 def attach(layer: nn.Module, attn: Optional[AttentionLayer], placement: str, channels: int) -> nn.Module:

@@ -1,12 +1,17 @@
-"""CBAM (Woo et al., 2018): channel gate then spatial gate, key names as in the SimAM reference."""
+"""CBAM (Woo et al., 2018): channel gate then spatial gate, key names as in the SimAM reference.
+
+C/r in the channel gate's MLP is floor(C / r), at least 1, as in SE.
+"""
 import torch
 from torch import nn
+
+from . import params
 
 
 class ChannelGate(nn.Module):
     def __init__(self, channels: int, reduction: int):
         super().__init__()
-        hidden = max(1, channels // int(reduction))
+        hidden = max(1, channels // reduction)
         # Index 0 is a parameter-free Flatten, so the Linear layers sit at mlp.1 and mlp.3.
         self.mlp = nn.Sequential(
             nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
@@ -44,9 +49,13 @@ class CBAMModule(nn.Module):
     placement = "end"
     default_param = 16
 
+    @classmethod
+    def check_param(cls, param):
+        return params.integer("cbam", "reduction", param)
+
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        self.ChannelGate = ChannelGate(channels, reduction)
+        self.ChannelGate = ChannelGate(channels, self.check_param(reduction))
         self.SpatialGate = SpatialGate()
 
     def forward(self, x):

@@ -18,6 +18,7 @@ SIMAM_IMPL=formula in the environment, or SimAM(impl="formula"), runs the formul
 import torch
 from torch import nn
 
+from . import params
 from .simam_fused import resolve_impl, simam_fused
 
 
@@ -44,9 +45,14 @@ class SimAM(nn.Module):
     placement = "mid"
     default_param = 1e-4
 
+    @classmethod
+    def check_param(cls, param):
+        # lambda = 0 divides by a zero variance on a constant map; a negative one can do it anywhere.
+        return params.positive("simam", "lambda", param)
+
     def __init__(self, channels: int = None, e_lambda: float = 1e-4, impl: str = None):
         super().__init__()
-        self.e_lambda = float(e_lambda)
+        self.e_lambda = self.check_param(e_lambda)
         self.impl = impl  # None: follow $SIMAM_IMPL at each call
 
     def forward(self, x):
