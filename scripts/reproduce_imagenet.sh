@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The paper's ImageNet comparison: every config of configs/imagenet/ in turn on this node, then the table.
+# The paper's ImageNet comparison: its 24 configs (six networks x none/se/cbam/simam) in turn on this node,
+# then the table (CONFIGS="configs/imagenet/*_eca.toml ..." runs others, e.g. the later modules).
 # Finished runs are skipped and interrupted ones resumed (scripts/train.sh), so just run it again
 # after a crash or a reboot.
 #

@@ -255,6 +255,9 @@ def test_run_folders_keep_todays_names():
     assert name("gc", None) == "imagenet-resnet50-gc-param16.0-seed0"
     assert name("coordatt", 8.0) == "imagenet-resnet50-coordatt-param8.0-seed0"
     assert name("eca", 5.0) == "imagenet-resnet50-eca-param5.0-seed0"
+    assert name("srm", None) == "imagenet-resnet50-srm-seed0"  # nothing to name: no -param part
+    assert name("triplet", None) == "imagenet-resnet50-triplet-seed0"
+    assert name("eca", None) == "imagenet-resnet50-eca-seed0"  # adaptive kernel size
 
 
 # ---------------------------------------------------------------- every network

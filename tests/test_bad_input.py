@@ -73,6 +73,20 @@ def test_bad_numbers_and_folders(data, tmp_path, capsys):
         assert expected in error([data, *TINY, "-j", "0", *extra], capsys), extra
 
 
+def test_module_parameters_are_checked_by_each_module(data, tmp_path, capsys):
+    cases = [("se", "0", "se: reduction must be an integer >= 1, got 0"),
+             ("se", "-1", "se: reduction must be an integer >= 1"),
+             ("cbam", "2.5", "cbam: reduction must be an integer >= 1, got 2.5"),
+             ("simam", "0", "simam: lambda must be a finite number > 0"),
+             ("simam", "inf", "simam: lambda must be a finite number > 0"),
+             ("eca", "4", "eca: kernel size must be an odd integer >= 1, got 4"),
+             ("srm", "16", "srm: takes no parameter")]
+    for att, param, expected in cases:
+        err = error([data, *TINY, "--attention_type", att, "--attention_param", param, "--ckpt", tmp_path], capsys)
+        assert err.startswith("error: --attention_param: ") and expected in err, (att, param, err)
+    assert not list(tmp_path.iterdir())  # refused before any folder is made
+
+
 def test_config_values_are_type_checked(data, tmp_path, capsys):
     cases = [('cos_lr = "false"', 'cos_lr = \'false\' is a string, expected a boolean'),
              ("epochs = 1.5", "epochs = 1.5 is a float, expected an integer"),

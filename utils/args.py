@@ -26,9 +26,11 @@ def get_args_parser(description="Train or evaluate an image classifier", add_hel
     p.add_argument("--config", metavar="FILE", default=None,
                    help="TOML file of defaults (keys are the dest names below); flags override it")
     p.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", help="model architecture (default: resnet18)")
-    p.add_argument("--attention_type", default="none", help="attention module: none | se | cbam | simam")
+    p.add_argument("--attention_type", default="none",
+                   help="attention module: none | se | cbam | simam | eca | gc | srm | coordatt | triplet")
     p.add_argument("--attention_param", type=float, default=None,
-                   help="SE/CBAM reduction or SimAM lambda (default: the module's own: 16, 16, 1e-4)")
+                   help="the module's parameter: SE/CBAM/GC/CoordAtt reduction, SimAM lambda, ECA kernel size "
+                        "(default: the module's own)")
     p.add_argument("--epochs", default=90, type=int, metavar="N", help="total epochs (default: 90)")
     p.add_argument("-b", "--batch-size", default=256, type=int, metavar="N", dest="batch_size",
                    help="total batch size over all processes (default: 256)")
@@ -140,8 +142,8 @@ def parse_gpu_ids(text):
 def run_name(prefix, arch, attention_type, attention_param, seed):
     """The reference's run-folder name: <prefix>-<arch>[-<attention>-param<p>][-seed<s>]."""
     name = f"{prefix}-{arch}"
-    if attention_type != "none":
-        name += f"-{attention_type}-param{float(attention_param)}"
+    if attention_type != "none":  # parameter-free modules (srm, triplet, adaptive eca) have no -param part
+        name += f"-{attention_type}" + ("" if attention_param is None else f"-param{float(attention_param)}")
     if seed is not None:
         name += f"-seed{seed}"
     return name
