@@ -286,11 +286,11 @@ def main(argv=None):
     try:
         if args.max_images < 1:
             raise UserError(f"--max-images must be at least 1, got {args.max_images}")
-        torch.set_grad_enabled(False)  # gradcam() turns it on where it needs it
-        models = [load_model(c, args.arch, args.attention_type, args.attention_param) for c in args.checkpoints]
-        labels = read_labels(args.labels) if args.labels else None
-        rows = compute_panels(models, image_files(args.images, args.max_images), args.layer, labels,
-                              args.resize, args.crop)
+        with torch.no_grad():  # gradcam() turns it on where it needs it
+            models = [load_model(c, args.arch, args.attention_type, args.attention_param) for c in args.checkpoints]
+            labels = read_labels(args.labels) if args.labels else None
+            rows = compute_panels(models, image_files(args.images, args.max_images), args.layer, labels,
+                                  args.resize, args.crop)
         fig = make_figure(rows, [column_title(info) for _, info in models], args.title)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
