@@ -167,17 +167,27 @@ def test_one_class_gets_a_warning(tmp_path, capsys):
     assert "warning: the data has 1 class" in out
 
 
-def test_ctrl_c_during_a_save_finishes_the_file_then_interrupts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_ctrl_c_during_a_save_finishes_the_file_then_interrupts(tmp_path, monkeypatch, other_thread):
+    # other_thread: a live thread that does not block signals (torch and loaders start such threads);
+    # the kernel may hand the process-directed signal to it rather than to the saving main thread.
+    import threading
     from utils.checkpoint import save_atomic
     real_save = torch.save
+    release = threading.Event()
+    if other_thread:
+        threading.Thread(target=release.wait, daemon=True).start()
 
     def save_and_get_interrupted(obj, f):
         os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of writing
         real_save(obj, f)
     monkeypatch.setattr(torch, "save", save_and_get_interrupted)
     path = tmp_path / "c.pth.tar"
-    with pytest.raises(KeyboardInterrupt):
-        save_atomic({"w": torch.arange(10)}, path)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_atomic({"w": torch.arange(10)}, path)
+    finally:
+        release.set()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(10))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth.tar"]
 

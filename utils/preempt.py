@@ -72,16 +72,30 @@ class StopFlags:
 
 @contextmanager
 def deferred_signals():
-    """Hold SIGINT/SIGTERM/SIGUSR1 until the block ends (a save): they are delivered right after."""
+    """Hold SIGINT/SIGTERM/SIGUSR1 until the block ends (a save): they are delivered right after.
+
+    Done with Python handlers that only record the signal, not with a thread signal mask: a signal
+    sent to the process may be taken by any thread (torch and loader threads included), and only
+    Python-level handlers are sure to run in the main thread, after the C call in progress.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, *STOP_SIGNALS}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught = []
+    previous = {}
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        old = signal.getsignal(s)
+        if old is None or old == signal.SIG_IGN:  # set outside Python, or ignored: leave it alone
+            continue
+        previous[s] = old
+        signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, old in previous.items():
+            signal.signal(s, old)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def ignore_stop_signals_in_worker(_worker_id=None):
