@@ -56,6 +56,27 @@ class Task:
     image_size: int = 224  # for the params/FLOPs line
     loader: Callable = EpochLoader  # called as EpochLoader is; main_cifar.py serves batches from the device
     schedule: Callable = schedule_from_args  # (args, iters_per_epoch) -> lr_fn(epoch, it)
+    # The loop and what it reports; the defaults are the classifiers' (main_coco.py sets all of them).
+    train_one_epoch: Callable = train_one_epoch  # utils.engine.train_one_epoch's signature and result
+    evaluate: Callable = evaluate  # utils.engine.evaluate's signature; result has best_key, count, skipped
+    val_row: Callable = None  # va -> the metrics.jsonl validation keys; None: val_loss/val_acc1/val_acc5
+    summary: Callable = None  # va -> the epoch line's validation part; None: loss, Acc@1, Acc@5
+    eval_line: Callable = None  # (va, checkpoint) -> the -e result line; None: ` * Acc@1 ...`
+    best_key: str = "acc1"  # the va entry that picks model_best (higher is better)
+    best_label: str = "Acc@1"
+
+
+def classification_val_row(va):
+    return {"val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"]}
+
+
+def classification_summary(va):
+    return f"val loss {va['loss']:.4f} Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f}"
+
+
+def classification_eval_line(va, checkpoint):
+    return (f" * Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f} Loss {va['loss']:.4f} "
+            f"({va['count']} images, {checkpoint})")
 
 
 def effective_param(args):
@@ -197,10 +218,9 @@ def _run(args, task, info, gpu_ids):
                              pin_memory=pin, collate_fn=task.collate_fn)
 
     if args.evaluate:
-        va = evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
-                      channels_last=args.channels_last, logger=logger)
-        logger.info(f" * Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f} Loss {va['loss']:.4f} "
-                    f"({va['count']} images, {args.resume})")
+        va = task.evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
+                           channels_last=args.channels_last, logger=logger)
+        logger.info((task.eval_line or classification_eval_line)(va, args.resume))
         if va["skipped"]:
             logger.info(f"   {va['skipped']} unreadable images were skipped")
         return va
@@ -226,25 +246,25 @@ def _run(args, task, info, gpu_ids):
             scaler.load_state_dict(ckpt["scaler"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
-        logger.info(f"=> resumed from {args.resume} (epoch {start_epoch}, best Acc@1 {best_acc1:.3f})")
+        logger.info(f"=> resumed from {args.resume} (epoch {start_epoch}, best {task.best_label} {best_acc1:.3f})")
     logger.truncate_metrics(start_epoch)  # a fresh run starts an empty metrics.jsonl
     del ckpt
 
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         try:
-            tr = train_one_epoch(train_model, train_loader(epoch), criterion, optimizer, lr_fn, epoch, device,
-                                 scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                                 print_freq=args.print_freq, logger=logger)
+            tr = task.train_one_epoch(train_model, train_loader(epoch), criterion, optimizer, lr_fn, epoch, device,
+                                      scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
+                                      print_freq=args.print_freq, logger=logger)
         except NonFiniteLossError as e:
             kept = run_dir / "checkpoint.pth.tar"
             raise UserError(f"{e}; last good checkpoint kept: "
                             f"{kept if kept.exists() else 'none yet'}") from None
         broadcast_buffers(raw)  # every rank evaluates exactly the weights rank 0 saves
-        va = evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
-                      channels_last=args.channels_last, logger=logger)
-        is_best = va["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, va["acc1"])
+        va = task.evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
+                           channels_last=args.channels_last, logger=logger)
+        is_best = va[task.best_key] > best_acc1
+        best_acc1 = max(best_acc1, va[task.best_key])
         if info.is_main:
             state = {"epoch": epoch + 1, "arch": args.arch, "attention_type": args.attention_type,
                      "attention_param": effective_param(args), "num_classes": len(classes),
@@ -257,15 +277,17 @@ def _run(args, task, info, gpu_ids):
                 tmp = run_dir / "model_best.pth.tar.tmp"
                 shutil.copyfile(run_dir / "checkpoint.pth.tar", tmp)
                 os.replace(tmp, run_dir / "model_best.pth.tar")
-        row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"], "train_acc1": tr["acc1"],
-               "val_loss": va["loss"], "val_acc1": va["acc1"], "val_acc5": va["acc5"],
+        row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"],
+               **({"train_acc1": tr["acc1"]} if "acc1" in tr else {}),
+               **(task.val_row or classification_val_row)(va),
                "epoch_time": time.time() - t0, "images_per_sec": tr["images"] / tr["time"],
                "skipped_images": tr["skipped"] + va["skipped"]}
         logger.metrics(row)
-        logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f} acc@1 {tr['acc1']:.2f} | "
-                    f"val loss {va['loss']:.4f} Acc@1 {va['acc1']:.3f} Acc@5 {va['acc5']:.3f} | "
+        logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f}"
+                    + (f" acc@1 {tr['acc1']:.2f}" if "acc1" in tr else "") + " | "
+                    f"{(task.summary or classification_summary)(va)} | "
                     f"best {best_acc1:.3f} | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
                     + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
         barrier()  # no rank starts the next epoch before rank 0 has its checkpoint on disk
-    logger.info(f"done: best Acc@1 {best_acc1:.3f}; run folder: {run_dir}")
+    logger.info(f"done: best {task.best_label} {best_acc1:.3f}; run folder: {run_dir}")
     return {"best_acc1": best_acc1, "run_dir": run_dir}
