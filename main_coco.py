@@ -159,7 +159,7 @@ def schedule(args, iters_per_epoch):
 
 
 def val_row(va):
-    return {k: v for k, v in va.items() if k.startswith(("bbox_", "segm_"))}
+    return {**{k: v for k, v in va.items() if k.startswith(("bbox_", "segm_"))}, "val_detections": va["detections"]}
 
 
 def summary(va):
