@@ -91,7 +91,7 @@ def resolve_defaults(args):
     if args.lr_base_batch < 1 or args.warmup_iters < 0:
         raise UserError("--lr-base-batch must be >= 1 and --warmup-iters >= 0")
     args.model_kw = model_kw(args.model_kw) if isinstance(args.model_kw, list) else dict(args.model_kw)
-    if args.pretrained_backbone and not os.path.isfile(args.pretrained_backbone):
+    if args.pretrained_backbone and not args.resume and not os.path.isfile(args.pretrained_backbone):
         raise UserError(f"--pretrained-backbone checkpoint not found: {args.pretrained_backbone}")
     return args
 

@@ -3,6 +3,7 @@
 # Resumes an interrupted run and skips a finished one, like scripts/train.sh.
 #
 #   sbatch --nodes=4 scripts/slurm_train.sh configs/imagenet/resnet101_simam.toml /data/imagenet [flags...]
+#   sbatch --nodes=2 scripts/slurm_train.sh configs/coco/faster_rcnn_resnet50_simam.toml /data/coco [flags...]
 #
 # -b in the config is the TOTAL batch over all nodes (256 in the paper's recipe: with 4 nodes of
 # 8 GPUs that is 8 images per GPU; scale --lr with -b if you change it). Submit from the repository
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-    echo "usage: sbatch [--nodes=N] $0 CONFIG DATA [main_imagenet.py flags...]" >&2
+    echo "usage: sbatch [--nodes=N] $0 CONFIG DATA [main_imagenet.py / main_coco.py flags...]" >&2
     exit 2
 fi
 CONFIG=$1 DATA=$2
@@ -35,7 +36,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
-read -r STATE WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
+read -r STATE WHERE SCRIPT < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
 case "$STATE" in
     done)   echo "=> $CONFIG: finished ($WHERE); skipping"; exit 0 ;;
     resume) echo "=> $CONFIG: resuming from $WHERE"; set -- --resume "$WHERE" "$@" ;;
@@ -46,4 +47,4 @@ esac
 srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
     --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER:29500" \
-    "$ROOT/main_imagenet.py" "$DATA" --config "$CONFIG" -j "$WORKERS" "$@"
+    "$ROOT/$SCRIPT" "$DATA" --config "$CONFIG" -j "$WORKERS" "$@"

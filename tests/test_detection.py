@@ -240,3 +240,66 @@ def test_degenerate_boxes_are_skipped_and_counted(coco_tiny, tmp_path):
     for i in range(len(ds)):
         boxes = ds[i][1]["boxes"]
         assert len(boxes) and bool(((boxes[:, 2:] - boxes[:, :2]) > 0).all())
+
+
+def test_configs_and_the_1x_schedule():
+    from pathlib import Path
+    configs = sorted(Path(main_coco.__file__).parent.glob("configs/coco/*.toml"))
+    assert {c.stem for c in configs} == {f"{k}_{a}_{t}" for k in ("faster_rcnn", "mask_rcnn")
+                                         for a in ("resnet50", "resnet101") for t in ("simam", "none")}
+    for c in configs:
+        args = main_coco.parse_args(main_coco.get_args_parser(), ["--config", str(c)])
+        assert (args.epochs, args.milestones, args.momentum, args.weight_decay) == (12, [8, 11], 0.9, 1e-4)
+        assert (args.min_size, args.max_size, args.warmup_iters, args.trainable_layers) == (800, 1333, 500, 3)
+        assert args.attention_param == (0.1 if args.attention_type == "simam" else None)
+        assert args.pretrained_backbone.endswith("model_best.pth.tar")
+    args = main_coco.parse_args(main_coco.get_args_parser(), ["--config", str(configs[0]), "-b", "8"])
+    lr = main_coco.schedule(args, iters_per_epoch=1000)
+    base = 0.02 * 8 / 16  # lr 0.02 per 16 images, scaled linearly
+    assert lr(0, 0) == pytest.approx(base * 0.001) and lr(0, 250) == pytest.approx(base * (1 - 0.999 * 0.5))
+    assert lr(0, 500) == lr(7, 999) == pytest.approx(base)
+    assert lr(8, 0) == pytest.approx(base * 0.1) and lr(11, 0) == pytest.approx(base * 0.01)
+
+
+def test_coco_table_and_launcher_plan(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    from utils.runs import plan, script_for
+    root = Path(main_coco.__file__).parent
+    run = tmp_path / "coco-mask_rcnn-resnet50-simam-param0.1"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"detector": "mask_rcnn", "arch": "resnet50", "attention_type": "simam",
+                                               "attention_param": 0.1, "epochs": 12, "classes": 91}))
+    rows = [{"epoch": e, **{f"{t}_{k}": v + e for t in ("bbox", "segm")
+                            for k, v in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), (30, 50, 32, 15, 33, 40))}}
+            for e in (11, 12)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("make_table", root / "scripts" / "make_table.py")
+    make_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_table)
+    make_table.main([str(tmp_path)])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Mask R-CNN"))
+    # the last epoch (42.0 box, 42.0 mask) beside the paper's 39.8 / 36.0
+    assert line.startswith("| Mask R-CNN ResNet-50 | SimAM (λ=0.1) | 2/12 | 42.0 | 62.0 | 44.0 | 27.0 | 45.0 | 52.0 | 42.0 |")
+    assert "| 39.8 | +2.2 | 36.0 | +6.0 |" in line
+
+    cfg = str(root / "configs" / "coco" / "faster_rcnn_resnet101_simam.toml")
+    assert script_for(["--config", cfg]) == "main_coco.py"
+    assert plan(["DATA", "--config", cfg, "--ckpt", str(tmp_path)]) == \
+        ("new", tmp_path / "coco-faster_rcnn-resnet101-simam-param0.1")
+    assert script_for(["--config", str(root / "configs" / "imagenet" / "resnet50_simam.toml")]) == "main_imagenet.py"
+
+
+def test_detector_params_and_flops_summary():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("model_summary", Path(main_coco.__file__).parent / "scripts" / "model_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    stats = summary.detector_stats("faster_rcnn", "resnet50")
+    # torchvision's documented size of its COCO fasterrcnn_resnet50_fpn (FrozenBatchNorm2d: BN terms are buffers)
+    assert stats["params"] == 41_755_286
+    parts = stats["flops_parts"]
+    assert set(parts) == {"backbone+fpn", "rpn_head", "box_head"} and stats["flops"] == sum(parts.values())
+    # box head: two linear layers (12544 -> 1024 -> 1024) and the predictor (1024 -> 91 + 364) per proposal
+    assert parts["box_head"] == 1000 * (12544 * 1024 + 1024 * 1024 + 1024 * 1024 + 1024 * 91 + 1024 * 364)
