@@ -302,4 +302,4 @@ def test_detector_params_and_flops_summary():
     parts = stats["flops_parts"]
     assert set(parts) == {"backbone+fpn", "rpn_head", "box_head"} and stats["flops"] == sum(parts.values())
     # box head: two linear layers (12544 -> 1024 -> 1024) and the predictor (1024 -> 91 + 364) per proposal
-    assert parts["box_head"] == 1000 * (12544 * 1024 + 1024 * 1024 + 1024 * 1024 + 1024 * 91 + 1024 * 364)
+    assert parts["box_head"] == 1000 * (12544 * 1024 + 1024 * 1024 + 1024 * 91 + 1024 * 364)
