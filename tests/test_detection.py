@@ -303,3 +303,42 @@ def test_detector_params_and_flops_summary():
     assert set(parts) == {"backbone+fpn", "rpn_head", "box_head"} and stats["flops"] == sum(parts.values())
     # box head: two linear layers (12544 -> 1024 -> 1024) and the predictor (1024 -> 91 + 364) per proposal
     assert parts["box_head"] == 1000 * (12544 * 1024 + 1024 * 1024 + 1024 * 91 + 1024 * 364)
+
+
+def test_train_one_epoch_stops_and_continues_mid_epoch_exactly(coco_tiny):
+    """The lead's mid-epoch resume contract: stop after k steps, then loader(epoch, start_batch=k) with
+    start_iter=k and the returned sums gives the uninterrupted epoch's weights, lr steps and averages."""
+    from utils.detection_engine import train_one_epoch
+    ds = CocoDetection(CocoSplit(coco_tiny, "train"), train=True)
+    loader = CocoLoader(ds, 2, 0, seed=5)
+    lrs = []
+
+    def lr_fn(epoch, it):
+        lrs.append(it)
+        return 0.002 * (1 + it)
+
+    def fresh():
+        torch.manual_seed(0)
+        m = create_detector("faster_rcnn", "resnet18", num_classes=4, trainable_layers=0, min_size=48, max_size=64,
+                            box_batch_size_per_image=16, rpn_post_nms_top_n_train=50)
+        return m, torch.optim.SGD([q for q in m.parameters() if q.requires_grad], 0.01, momentum=0.9)
+
+    cpu = torch.device("cpu")
+    model, opt = fresh()
+    torch.manual_seed(1)
+    whole = train_one_epoch(model, loader(0), None, opt, lr_fn, 0, cpu, print_freq=100)
+    assert not whole["interrupted"] and whole["iteration"] == len(loader) == whole["images"] // 2
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, opt = fresh()
+    torch.manual_seed(1)
+    lrs.clear()
+    first = train_one_epoch(model, loader(0), None, opt, lr_fn, 0, cpu, print_freq=100,
+                            stop=lambda: len(lrs) >= 3)  # lr_fn is called once per step (+1 up front)
+    assert first["interrupted"] and first["iteration"] == 2 and first["images"] == 4
+    rest = train_one_epoch(model, loader(0, start_batch=2), None, opt, lr_fn, 0, cpu, print_freq=100,
+                           start_iter=2, sums=first["sums"])
+    assert not rest["interrupted"] and rest["iteration"] == len(loader) and lrs[-1] == len(loader) - 1
+    assert rest["images"] == whole["images"] and rest["loss"] == pytest.approx(whole["loss"], rel=1e-12)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k

@@ -242,8 +242,11 @@ class CocoLoader:
         return every[self.rank::self.world_size]
 
     def __call__(self, epoch=0, start_batch=0):
+        # Its own generator: creating the iterator then draws nothing from the global RNG, whose state a
+        # mid-epoch checkpoint restores (nothing random happens in the workers: flips come with the keys).
         return DataLoader(self.dataset, batch_sampler=self.batches(epoch)[start_batch:], num_workers=self.workers,
-                          collate_fn=self.collate_fn, pin_memory=self.pin_memory)
+                          collate_fn=self.collate_fn, pin_memory=self.pin_memory,
+                          generator=epoch_generator(self.seed, epoch))
 
     def __len__(self):
         if not self.train:
