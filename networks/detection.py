@@ -10,6 +10,8 @@ the stem and layer1 frozen, an FPN over layer1..layer4 plus a max-pooled P6. For
 attention the state_dict is torchvision's key for key, so its COCO weights load with strict=True;
 with attention the backbone keys are our ImageNet model's under `backbone.body.`.
 """
+import inspect
+
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -65,5 +67,10 @@ def create_detector(kind, arch="resnet50", attention_type="none", attention_para
     max_size, box_score_thresh, ...). Labels are category ids (COCO: 91 slots, 80 used)."""
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of: {', '.join(DETECTORS)}")
+    # torchvision passes unknown keywords on to its transform, which ignores them: catch typos here.
+    known = set(inspect.signature(DETECTORS[kind].__init__).parameters) | {"size_divisible", "fixed_size"}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise ValueError(f"unknown {kind} option {unknown[0]!r}")
     backbone = resnet_fpn_backbone(arch, attention_type, attention_param, trainable_layers, frozen_bn)
     return DETECTORS[kind](backbone, num_classes=num_classes, **kw)

@@ -342,3 +342,16 @@ def test_train_one_epoch_stops_and_continues_mid_epoch_exactly(coco_tiny):
     assert rest["images"] == whole["images"] and rest["loss"] == pytest.approx(whole["loss"], rel=1e-12)
     for k, v in model.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pretrained-backbone", "nowhere.pth"], "error: --pretrained-backbone checkpoint not found: nowhere.pth"),
+    (["--model-kw", "box_batch_size_per_imag=64"], "error: --model-kw: unknown faster_rcnn option 'box_batch_size_per_imag'"),
+    (["--model-kw", "box_score_thresh"], "error: --model-kw expects KEY=VALUE, got 'box_score_thresh'"),
+    (["--min-size", "900", "--max-size", "800"], "error: --min-size 900 / --max-size 800: need 1 <= min <= max"),
+])
+def test_bad_coco_flags_are_one_error_line(flags, message, coco_tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main_coco.main([str(coco_tiny), "-a", "resnet18", "--ckpt", str(tmp_path), "-j", "0", *flags])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith(message), err

@@ -383,6 +383,9 @@ def plan(argv):
     parser = get_args_parser()
     parser.prog = script  # errors name the flags' owner
     args = parse_args(parser, argv)
+    if script == "main_coco.py":
+        from main_coco import resolve_defaults
+        args = resolve_defaults(args)  # epochs, -b, sizes: recipe or demo defaults
     param = effective_param(args.attention_type, args.attention_param)
     prefix = f"coco-{args.detector}" if script == "main_coco.py" else "imagenet"
     run = Path(args.ckpt) / run_name(prefix, args.arch, args.attention_type, param, args.seed)
