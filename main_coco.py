@@ -28,6 +28,10 @@ from utils.trainer import Task, run
 ARCHS = tuple(a for a in model_names("imagenet") if a.startswith(("resnet", "resnext")))
 # The demo's images are 96-160 px: train them at about that size, briefly, unless told otherwise.
 DEMO_DEFAULTS = {"min_size": 96, "max_size": 160, "warmup_iters": 20, "epochs": 4, "batch_size": 8}
+# ... with fewer proposals and RoI samples than torchvision's defaults (sized for 800 px COCO images and
+# their many objects); the demo's 1-3 shapes per image need no more. --model-kw overrides them.
+DEMO_MODEL_KW = {"rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 500,
+                 "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 128}
 RECIPE_DEFAULTS = {"min_size": 800, "max_size": 1333, "warmup_iters": 500, "epochs": 12, "batch_size": 16}
 
 
@@ -92,6 +96,8 @@ def resolve_defaults(args):
     if args.lr_base_batch < 1 or args.warmup_iters < 0:
         raise UserError("--lr-base-batch must be >= 1 and --warmup-iters >= 0")
     args.model_kw = model_kw(args.model_kw) if isinstance(args.model_kw, list) else dict(args.model_kw)
+    if args.data is None:
+        args.model_kw = {**DEMO_MODEL_KW, **args.model_kw}
     return args
 
 
