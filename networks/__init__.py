@@ -22,3 +22,6 @@ def create_net(arch, attention_type="none", attention_param=None, num_classes=10
     attention = attention_layer(attention_type, attention_param)
     builder, _ = MODELS[arch]
     return builder(num_classes=num_classes, attention=attention)
+
+
+from .detection import DETECTORS, create_detector  # noqa: E402,F401  (needs create_net above)

@@ -1,4 +1,4 @@
-"""Compare finished (or running) ImageNet runs with the paper: a markdown table, or CSV.
+"""Compare finished (or running) ImageNet and COCO runs with the paper: a markdown table, or CSV.
 
     python scripts/make_table.py checkpoints/                      # every run folder under it
     python scripts/make_table.py RUN_DIR [RUN_DIR ...] --csv > results.csv
@@ -11,6 +11,9 @@ mean +- sample std of their best top-1/top-5 (`--per-seed` lists them one by one
 Each run folder's args.json (the trainer's merged settings) names the model; metrics.jsonl gives the
 best validation top-1 over the epochs so far and that epoch's top-5. Params/FLOPs come from
 utils.flops (the paper's convention) for the model as trained.
+
+COCO runs (main_coco.py, run folders coco-<detector>-...) get their own table beside the paper's COCO
+table: the last epoch's box (and mask) AP, AP50, AP75, APs, APm, APl, one row per run.
 """
 import argparse
 import sys
@@ -18,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import aggregate_seeds, csv_table, find_runs, markdown_table, run_row, sort_rows  # noqa: E402
+from utils.runs import (aggregate_seeds, coco_csv_table, coco_markdown_table, coco_run_row, csv_table,  # noqa: E402
+                        find_runs, is_coco_run, markdown_table, run_row, sort_rows)
 
 
 def main(argv=None):
@@ -29,13 +33,17 @@ def main(argv=None):
     p.add_argument("--per-seed", action="store_true", help="one row per run instead of mean +- std over seeds")
     args = p.parse_args(argv)
     try:
-        rows = [run_row(r) for r in find_runs(args.runs)]
+        runs = find_runs(args.runs)
+        coco = [coco_run_row(r) for r in runs if is_coco_run(r)]
+        rows = [run_row(r) for r in runs if not is_coco_run(r)]
         rows = sort_rows(rows if args.per_seed else aggregate_seeds(rows))
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")
-    print(csv_table(rows) if args.csv else markdown_table(rows), end="")
+    tables = ([csv_table(rows) if args.csv else markdown_table(rows)] if rows else []) + \
+        ([coco_csv_table(coco) if args.csv else coco_markdown_table(coco)] if coco else [])
+    print("\n".join(tables), end="")
     if args.write_csv:
-        Path(args.write_csv).write_text(csv_table(rows))
+        Path(args.write_csv).write_text("\n".join(([csv_table(rows)] if rows else []) + ([coco_csv_table(coco)] if coco else [])))
 
 
 if __name__ == "__main__":

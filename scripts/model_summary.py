@@ -3,6 +3,13 @@
     python scripts/model_summary.py                          # every ImageNet arch x attention
     python scripts/model_summary.py -a resnet50 --attention_type simam
     python scripts/model_summary.py --dataset cifar --json   # CIFAR nets, 10 and 100 classes, 32x32
+    python scripts/model_summary.py --detector mask_rcnn -a resnet50 --attention_type simam   # COCO, 800x1333
+
+Detectors (--detector): params of the whole model (91 classes, as torchvision's COCO models) and
+FLOPs at 800x1333 in the same convention, counted part by part on shapes only: backbone + FPN, RPN
+head on every pyramid level, box head for 1000 proposals, mask head for 100 detections (Mask R-CNN),
+i.e. what mmdetection's get_flops counts; RoIAlign, anchors and NMS are not counted (thop has no rule
+for them). The paper gives no detector FLOPs to compare with.
 
 FLOPs are multiply-adds for one image (224x224 ImageNet, 32x32 CIFAR) counted with thop under the
 convention of thop 0.0.31, the release the paper used (utils/flops.py). The last column is the
@@ -10,6 +17,8 @@ attention modules' own element-wise work, which that convention leaves out (docs
 """
 import json
 import sys
+
+import torch
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +46,51 @@ def summary_rows(dataset="imagenet", archs=None, attentions=None, attention_para
     return rows
 
 
+@torch.no_grad()
+def detector_stats(kind, arch, attention_type="none", attention_param=None, num_classes=91, size=(800, 1333),
+                   proposals=1000, detections=100):
+    """dict(params, flops, flops_parts) of a detector (see the module docstring)."""
+    from thop import profile
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from networks import create_detector
+    from networks.attentions.simam import SimAM
+    from utils.flops import PAPER_OPS, _meta_copy
+    model = create_detector(kind, arch, attention_type, attention_param, num_classes=num_classes)
+    params = sum(p.numel() for p in model.parameters())
+    m = _meta_copy(model).eval()
+    for mod in m.modules():
+        if isinstance(mod, SimAM):
+            mod.impl = "formula"
+    ops = {**PAPER_OPS, FrozenBatchNorm2d: PAPER_OPS[torch.nn.BatchNorm2d]}  # inference BN either way
+
+    def count(module, *inputs):
+        return int(profile(module, inputs=inputs, custom_ops=ops, verbose=False)[0])
+
+    def meta(*shape):
+        return torch.zeros(*shape, device="meta")
+
+    x = meta(1, 3, *size)
+    parts = {"backbone+fpn": count(m.backbone, x)}
+    levels = [meta(1, 256, -(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32, 64)]
+    parts["rpn_head"] = count(m.rpn.head, levels)
+    parts["box_head"] = count(m.roi_heads.box_head, meta(proposals, 256, 7, 7)) + \
+        count(m.roi_heads.box_predictor, meta(proposals, m.roi_heads.box_predictor.cls_score.in_features))
+    if m.roi_heads.has_mask():
+        parts["mask_head"] = count(m.roi_heads.mask_head, meta(detections, 256, 14, 14)) + \
+            count(m.roi_heads.mask_predictor, meta(detections, 256, 14, 14))
+    return dict(params=params, flops=sum(parts.values()), flops_parts=parts)
+
+
+def detector_markdown(rows):
+    head = ["detector", "arch", "attention", "params (M)", "FLOPs (G) at 800x1333"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['detector']} | {r['arch']} | {r['attention_type']} | {r['params'] / 1e6:.2f} | "
+                     f"{r['flops'] / 1e9:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows):
     cifar = "num_classes" in rows[0]
     head = ["arch", "attention"] + (["classes"] if cifar else []) + ["params (M)", "FLOPs (G)", "attn elementwise (M)"]
@@ -58,7 +112,21 @@ def main(argv=None):
     p.add_argument("--attention_param", type=float, default=None,
                    help="SE/CBAM/GC/CoordAtt reduction, SimAM lambda or ECA kernel size (default: each module's own)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    p.add_argument("--detector", choices=("faster_rcnn", "mask_rcnn"), default=None,
+                   help="count this COCO detector over the arch (default arch: resnet50, attention: none, simam)")
     args = p.parse_args(argv)
+    if args.detector:
+        if args.arch is not None and not args.arch.startswith(("resnet", "resnext")):
+            p.error(f"--detector needs a ResNet/ResNeXt arch, not {args.arch!r}")
+        if args.attention_type is not None and args.attention_type not in ATTENTION_CHOICES:
+            p.error(f"unknown attention type {args.attention_type!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
+        rows = [dict(detector=args.detector, arch=arch, attention_type=attn,
+                     attention_param=resolve_param(attn, args.attention_param),
+                     **detector_stats(args.detector, arch, attn, args.attention_param))
+                for arch in [args.arch or "resnet50"] for attn in ([args.attention_type] if args.attention_type
+                                                                    else ["none", "simam"])]
+        print(json.dumps(rows, indent=1) if args.json else detector_markdown(rows), end="\n" if args.json else "")
+        return
 
     archs = model_names(args.dataset)
     if args.arch is not None and args.arch not in archs:

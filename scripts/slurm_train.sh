@@ -5,6 +5,7 @@
 #
 #   sbatch --nodes=4 scripts/slurm_train.sh configs/imagenet/resnet101_simam.toml /data/imagenet [flags...]
 #   sbatch scripts/slurm_train.sh none /data/imagenet -a resnet50 --attention_type simam --attention_param 0.1
+#   sbatch --nodes=2 scripts/slurm_train.sh configs/coco/faster_rcnn_resnet50_simam.toml /data/coco [flags...]
 #
 # CONFIG may be `none` (flags only). -b is the TOTAL batch over all nodes (256 in the paper's recipe:
 # with 4 nodes of 8 GPUs that is 8 images per GPU; scale --lr with -b if you change it). Submit from
@@ -32,7 +33,7 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-    echo "usage: sbatch [--nodes=N] $0 CONFIG|none DATA [main_imagenet.py flags...]" >&2
+    echo "usage: sbatch [--nodes=N] $0 CONFIG|none DATA [main_imagenet.py / main_coco.py flags...]" >&2
     exit 2
 fi
 CONFIG=$1 DATA=$2
@@ -52,7 +53,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
-read -r STATE WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" "${CONFIG_ARGS[@]}" "$@")
+read -r STATE WHERE SCRIPT < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" "${CONFIG_ARGS[@]}" "$@")
 case "$STATE" in
     done)   echo "=> $CONFIG: finished ($WHERE); skipping"; exit 0 ;;
     resume) echo "=> $CONFIG: resuming from $WHERE"; set -- --resume "$WHERE" "$@" ;;
@@ -63,7 +64,7 @@ esac
 srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
     --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$GPUS_PER_NODE" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER:${PORT:-29500}" \
-    "$ROOT/main_imagenet.py" "$DATA" "${CONFIG_ARGS[@]}" -j "$WORKERS" "$@" &
+    "$ROOT/$SCRIPT" "$DATA" "${CONFIG_ARGS[@]}" -j "$WORKERS" "$@" &
 SRUN=$!
 
 stop_run() {  # $1: USR1 (the time limit is near: save and requeue) or TERM (save and stop)

@@ -2,6 +2,7 @@
 # Train one config on all GPUs of this node with torchrun; resumes an interrupted run, skips a finished one.
 #
 #   scripts/train.sh configs/imagenet/resnet50_simam.toml /data/imagenet [main_imagenet.py flags...]
+#   scripts/train.sh configs/coco/mask_rcnn_resnet50_simam.toml /data/coco [main_coco.py flags...]
 #
 # Extra flags override the config (e.g. --ckpt runs --amp bf16 --channels-last --seed 0).
 # Environment: NPROC (processes; default: visible GPUs, or 1 on a CPU machine), WORKERS (data loading
@@ -10,7 +11,7 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-    echo "usage: $0 CONFIG DATA [main_imagenet.py flags...]" >&2
+    echo "usage: $0 CONFIG DATA [main_imagenet.py / main_coco.py flags...]" >&2
     exit 2
 fi
 CONFIG=$1 DATA=$2
@@ -23,8 +24,9 @@ PYTHON=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/pyt
 NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 WORKERS=${WORKERS:-$(nproc)}
 
-# new DIR | resume CHECKPOINT | done DIR, decided by the trainer's own parser (config + flags merged).
-read -r STATE WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
+# new DIR | resume CHECKPOINT | done DIR, then the script (main_coco.py for configs/coco/, else
+# main_imagenet.py), decided by the trainer's own parser (config + flags merged).
+read -r STATE WHERE SCRIPT < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
 if [ -n "${RUN_LIST:-}" ]; then  # reproduce_imagenet.sh collects the run folders
     if [ "$STATE" = resume ]; then dirname "$WHERE"; else echo "$WHERE"; fi >> "$RUN_LIST"
 fi
@@ -36,4 +38,4 @@ case "$STATE" in
 esac
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-    "$ROOT/main_imagenet.py" "$DATA" --config "$CONFIG" -j "$WORKERS" "$@"
+    "$ROOT/$SCRIPT" "$DATA" --config "$CONFIG" -j "$WORKERS" "$@"

@@ -268,19 +268,134 @@ def csv_table(rows):
     return out.getvalue()
 
 
+# ---------------------------------------------------------------- COCO runs (main_coco.py)
+
+# The paper's COCO table (../shared/paper/simam.md): (AP, AP50, AP75, APs, APm, APl) box, then mask.
+PAPER_COCO = {
+    ("faster_rcnn", "resnet50", "simam"): ((39.2, 60.7, 40.8, 22.8, 43.0, 50.6), None, "paper"),
+    ("faster_rcnn", "resnet101", "simam"): ((41.2, 62.4, 45.0, 24.0, 45.6, 52.8), None, "paper"),
+    ("mask_rcnn", "resnet50", "simam"): ((39.8, 61.0, 43.4, 23.1, 43.7, 51.4),
+                                         (36.0, 57.9, 38.2, 19.1, 39.7, 48.6), "paper"),
+    ("mask_rcnn", "resnet101", "simam"): ((41.8, 62.8, 46.0, 24.8, 46.2, 53.9),
+                                          (37.6, 59.5, 40.1, 20.5, 41.5, 50.8), "paper"),
+    # The paper has no plain-backbone rows; mmdetection's own 1x figures (AP only) stand in.
+    ("faster_rcnn", "resnet50", "none"): ((37.4,), None, "mmdetection"),
+    ("faster_rcnn", "resnet101", "none"): ((39.4,), None, "mmdetection"),
+    ("mask_rcnn", "resnet50", "none"): ((38.2,), (34.7,), "mmdetection"),
+    ("mask_rcnn", "resnet101", "none"): ((40.0,), (36.1,), "mmdetection"),
+}
+COCO_SOURCES = {"paper": "the paper's COCO table (mmdetection 1x, SimAM lambda 0.1)",
+                "mmdetection": "mmdetection's published 1x baselines (pytorch-style ResNet), not the paper's runs"}
+DETECTOR_LABEL = {"faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def is_coco_run(run):
+    args = Path(run) / "args.json"
+    return args.is_file() and "detector" in json.loads(args.read_text())
+
+
+def coco_run_row(run):
+    """A COCO run's row: its last epoch's COCOeval figures (a 1x schedule reports its final model)."""
+    run = Path(run)
+    a = json.loads((run / "args.json").read_text())
+    rows = read_metrics(run)
+    last = rows[-1] if rows else {}
+    param = effective_param(a.get("attention_type", "none"), a.get("attention_param"))
+    box, mask, src = PAPER_COCO.get((a["detector"], a["arch"], a.get("attention_type", "none")), (None, None, None))
+    if a.get("attention_type") in PAPER_PARAM and param != PAPER_PARAM[a["attention_type"]]:
+        box = mask = src = None
+    classes = int(a.get("classes", 91))
+    if classes != 91:  # not COCO (e.g. the demo set): nothing of the paper's to compare with
+        box = mask = src = None
+    row = {"detector": a["detector"], "arch": a["arch"], "attention": a.get("attention_type", "none"),
+           "param": param, "classes": classes, "epochs": f"{len(rows)}/{a.get('epochs', '?')}",
+           "seed": a.get("seed_used", a.get("seed")), "paper_source": src, "source": str(run)}
+    for t, ref in (("bbox", box), ("segm", mask)):
+        for i, k in enumerate(COCO_KEYS):
+            row[f"{t}_{k}"] = last.get(f"{t}_{k}")
+            row[f"paper_{t}_{k}"] = ref[i] if ref is not None and i < len(ref) else None
+        ours, theirs = row[f"{t}_AP"], row[f"paper_{t}_AP"]
+        row[f"diff_{t}_AP"] = None if ours is None or theirs is None else ours - theirs
+    return row
+
+
+def coco_markdown_table(rows):
+    head = ["Model", "Attention", "Epochs", "box AP", "AP50", "AP75", "APs", "APm", "APl", "mask AP",
+            "Paper box AP", "Δ box AP", "Paper mask AP", "Δ mask AP", "Run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rank = lambda v, order: order.index(v) if v in order else len(order)  # noqa: E731
+    rows = sorted(rows, key=lambda r: (r["detector"], rank(r["arch"], ARCH_ORDER), rank(r["attention"], ATT_ORDER),
+                                       r["param"] or 0, r["source"]))
+    for r in rows:
+        mark = " †" if r["paper_source"] == "mmdetection" else ""
+        cells = [f"{DETECTOR_LABEL.get(r['detector'], r['detector'])} {ARCH_LABEL.get(r['arch'], r['arch'])}",
+                 attention_label(r["attention"], r["param"]), r["epochs"]]
+        shown = lambda v: _num(None if v is None or v < 0 else v, ".1f")  # noqa: E731  (-1: no objects of that size)
+        cells += [shown(r[f"bbox_{k}"]) for k in COCO_KEYS] + [shown(r["segm_AP"])]
+        cells += [_num(r["paper_bbox_AP"], ".1f") + (mark if r["paper_bbox_AP"] is not None else ""),
+                  _num(r["diff_bbox_AP"], "+.1f"),
+                  _num(r["paper_segm_AP"], ".1f") + (mark if r["paper_segm_AP"] is not None else ""),
+                  _num(r["diff_segm_AP"], "+.1f"), _short(r["source"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"Paper columns: {COCO_SOURCES['paper']}; COCO val2017, percent; our figures: the last epoch."]
+    if any(r["paper_source"] == "mmdetection" for r in rows):
+        notes.append(f"† {COCO_SOURCES['mmdetection']}")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+COCO_CSV_FIELDS = (["detector", "arch", "attention", "param", "classes", "epochs", "seed"]
+                   + [f"{t}_{k}" for t in ("bbox", "segm") for k in COCO_KEYS]
+                   + [f"paper_{t}_{k}" for t in ("bbox", "segm") for k in COCO_KEYS]
+                   + ["diff_bbox_AP", "diff_segm_AP", "paper_source", "source"])
+
+
+def coco_csv_table(rows):
+    out = io.StringIO()
+    w = csv.DictWriter(out, COCO_CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in COCO_CSV_FIELDS})
+    return out.getvalue()
+
+
 # ---------------------------------------------------------------- launchers' helper
 
+def script_for(argv):
+    """The training script a command is for: main_coco.py when the config (configs/coco/) or a flag
+    sets `detector`, else main_imagenet.py."""
+    import argparse
+    import tomllib
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    try:
+        cfg = tomllib.loads(Path(known.config).read_text()) if known.config and Path(known.config).is_file() else {}
+    except tomllib.TOMLDecodeError:
+        cfg = {}  # the script's own parser reports it
+    coco = "detector" in cfg or any(a == "--detector" or a.startswith("--detector=") for a in argv)
+    return "main_coco.py" if coco else "main_imagenet.py"
+
+
 def plan(argv):
-    """What a launcher should do for `main_imagenet.py --config CONFIG [FLAGS]`:
+    """What a launcher should do for `SCRIPT --config CONFIG [FLAGS]` (SCRIPT: script_for(argv)):
     ("done", run_dir) when every epoch is in metrics.jsonl, ("resume", checkpoint) when a checkpoint
     is there, else ("new", run_dir). Uses the trainer's own parser, so flags and config merge the same way."""
-    from main_imagenet import get_args_parser
     from utils.args import parse_args, run_name
+    script = script_for(argv)
+    if script == "main_coco.py":
+        from main_coco import get_args_parser
+    else:
+        from main_imagenet import get_args_parser
     parser = get_args_parser()
-    parser.prog = "main_imagenet.py"  # errors name the flags' owner
+    parser.prog = script  # errors name the flags' owner
     args = parse_args(parser, argv)
+    if script == "main_coco.py":
+        from main_coco import resolve_defaults
+        args = resolve_defaults(args)  # epochs, -b, sizes: recipe or demo defaults
     param = effective_param(args.attention_type, args.attention_param)
-    run = Path(args.ckpt) / run_name("imagenet", args.arch, args.attention_type, param, args.seed)
+    prefix = f"coco-{args.detector}" if script == "main_coco.py" else "imagenet"
+    run = Path(args.ckpt) / run_name(prefix, args.arch, args.attention_type, param, args.seed)
     epochs_done = max((r["epoch"] for r in read_metrics(run)), default=0) if (run / "metrics.jsonl").is_file() else 0
     if epochs_done >= args.epochs:
         return "done", run
@@ -291,12 +406,12 @@ def plan(argv):
 
 def _main(argv):
     if not argv or argv[0] != "plan":
-        sys.exit("usage: python -m utils.runs plan --config CONFIG [main_imagenet.py flags]")
+        sys.exit("usage: python -m utils.runs plan --config CONFIG [main_imagenet.py / main_coco.py flags]")
     try:
         state, path = plan(argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
-    print(state, path)
+    print(state, path, script_for(argv[1:]))
 
 
 if __name__ == "__main__":

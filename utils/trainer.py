@@ -62,6 +62,7 @@ class Task:
     evaluate: Callable = evaluate  # utils.engine.evaluate's signature; the result has best_key, count, skipped
     val_row: Callable = None  # va -> metrics.jsonl's validation keys; None: val_loss, val_acc1, val_acc5
     summary: Callable = None  # va -> the validation part of the epoch line and of `-e`'s line
+    eval_line: Callable = None  # (va, checkpoint path) -> `-e`'s result line; None: ` * {summary} (N images, path)`
     best_key: str = "acc1"  # the va entry that picks model_best (higher is better)
     best_label: str = "Acc@1"
 
@@ -245,7 +246,8 @@ def _run(args, task, info, gpu_ids):
     if args.evaluate:
         va = task.evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
                            channels_last=args.channels_last, logger=logger)
-        logger.info(f" * {summary(va)} ({va['count']} images, {args.resume})")
+        logger.info(task.eval_line(va, args.resume) if task.eval_line else
+                    f" * {summary(va)} ({va['count']} images, {args.resume})")
         if va["skipped"]:
             logger.info(f"   {va['skipped']} unreadable images were skipped")
         return va

@@ -1,0 +1,107 @@
+"""main_coco.py end to end on tiny generated COCO data (CPU): training, AP lines, exact resume,
+torchrun evaluation against a single process, bare state_dict evaluation."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from utils.coco import make_coco_demo
+
+# Small images, a frozen backbone and few proposals/samples keep a ResNet-18 detector step short on a CPU;
+# score threshold 0 so that an untrained model still has detections to evaluate.
+TINY = ["-a", "resnet18", "--min-size", "48", "--max-size", "64", "--trainable-layers", "0", "-b", "4",
+        "-j", "0", "-p", "100", "--warmup-iters", "2"]
+MODEL_KW = ["--model-kw", "box_batch_size_per_image=32", "rpn_pre_nms_top_n_train=200",
+            "rpn_post_nms_top_n_train=100", "rpn_pre_nms_top_n_test=200", "rpn_post_nms_top_n_test=100",
+            "box_detections_per_img=20", "box_score_thresh=0.0"]  # last: --model-kw takes the rest
+KEYS = [f"{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+
+
+def run_coco(data, args, launcher=None, timeout=300):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "main_coco.py"), str(data)] + [str(a) for a in args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}")
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def eval_line(out):
+    m = re.search(r"^ \* (bbox: .*) \((\d+) images, (\d+) detections, ", out, re.M)
+    assert m, out[-3000:]
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+def row_line(row, types):
+    return " | ".join(f"{t}: " + " ".join(f"{k} {row[f'{t}_{k}']:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+                      for t in types)
+
+
+def test_training_lowers_the_loss_resumes_bit_exact_and_evaluates(tmp_path):
+    data = make_coco_demo(tmp_path / "data", train_images=8, val_images=4)
+    args = TINY + ["--seed", "0"] + MODEL_KW
+    out = run_coco(data, ["--epochs", "2", "--ckpt", tmp_path / "a"] + args)
+    run_a = tmp_path / "a" / "coco-faster_rcnn-resnet18-seed0"
+    assert f"run folder: {run_a}" in out and out.count("IoU metric: bbox") == 2
+    assert re.search(r"^bbox: AP \d+\.\d{3} AP50 \d+\.\d{3} AP75 \d+\.\d{3} APs -?\d+\.\d{3} APm", out, re.M)
+    rows = metrics(run_a)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(set(KEYS[:6]) <= set(r) for r in rows)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]  # it learns
+    ck = load(run_a / "checkpoint.pth.tar")
+    assert ck["epoch"] == 2 and ck["arch"] == "resnet18" and ck["num_classes"] == 4
+
+    # One epoch, then a resumed second: the same weights, optimizer state and metrics.
+    run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "b"] + args)
+    run_b = tmp_path / "b" / "coco-faster_rcnn-resnet18-seed0"
+    out_b = run_coco(data, ["--epochs", "2", "--ckpt", tmp_path / "b", "--resume", run_b / "checkpoint.pth.tar"] + args)
+    assert "=> resumed from" in out_b and "best bbox AP" in out_b
+    cb = load(run_b / "checkpoint.pth.tar")
+    assert cb["epoch"] == 2 and cb["state_dict"].keys() == ck["state_dict"].keys()
+    for k, v in ck["state_dict"].items():
+        assert torch.equal(v, cb["state_dict"][k]), k
+    for s_a, s_b in zip(ck["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    rows_b = metrics(run_b)
+    assert [r["epoch"] for r in rows_b] == [1, 2]
+    for key in ["train_loss", "val_detections"] + KEYS[:6]:
+        assert rows_b[1][key] == rows[1][key], key
+
+    # -e on a bare state_dict (as torchvision's published weights come) prints the epoch's figures.
+    bare = tmp_path / "bare.pth"
+    torch.save(ck["state_dict"], bare)
+    line, count, dets = eval_line(run_coco(data, ["-e", "--resume", bare] + args))
+    assert count == 4 and dets == rows[1]["val_detections"] and line == row_line(rows[1], ("bbox",))
+
+
+def test_torchrun_mask_rcnn_evaluation_equals_single_process(tmp_path):
+    data = make_coco_demo(tmp_path / "data", train_images=8, val_images=5)  # odd: uneven shards
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    args = TINY + ["--detector", "mask_rcnn", "--seed", "1"] + MODEL_KW
+    out = run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "ck"] + args, launcher=launcher)
+    run_dir = tmp_path / "ck" / "coco-mask_rcnn-resnet18-seed1"
+    assert out.count("Epoch 1/1:") == 1 and out.count("IoU metric: segm") == 1  # rank 0 prints, once
+    assert re.search(r"^segm: AP \d+\.\d{3} AP50 \d+\.\d{3} AP75 \d+\.\d{3} APs -?\d+\.\d{3} APm", out, re.M)
+    row = metrics(run_dir)[0]
+    assert set(KEYS) <= set(row)
+    line, count, dets = eval_line(run_coco(data, ["-e", "--resume", run_dir / "checkpoint.pth.tar"] + args))
+    assert count == 5 and dets == row["val_detections"] > 0 and line == row_line(row, ("bbox", "segm"))

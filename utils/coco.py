@@ -1,0 +1,386 @@
+"""COCO-format detection data: layout checks, dataset, seeded loader, demo set, and COCOeval.
+
+Layout (COCO 2017's): DATA/annotations/instances_{train,val}2017.json, DATA/train2017/, DATA/val2017/.
+Labels are COCO category ids (91 slots for COCO, as torchvision's models), so a model's class count is
+max(category id) + 1. Resizing is the model's (torchvision's GeneralizedRCNNTransform: min_size /
+max_size); the data side only flips. Every random choice is a pure function of (seed, epoch, index),
+so a run resumed mid-epoch sees the same flips and batches as an uninterrupted one.
+
+Bad input is one UserError, checked before any image is read: missing annotation file or image
+folder, malformed JSON, images listed but missing on disk, annotations pointing at unlisted images or
+categories, no categories. Degenerate boxes (no area inside the image) are skipped and counted;
+training drops images left without a box (as torchvision's reference and mmdetection do);
+unreadable image files are skipped and counted at load time, as utils/data.py does for ImageNet.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from . import UserError
+from .data import MAX_BAD_IN_A_ROW, ShardSampler
+
+SPLITS = ("train", "val")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
+
+
+# ---------------------------------------------------------------- layout and annotations
+
+class CocoSplit:
+    """One split's parsed annotation file: images, their valid boxes, categories (checked)."""
+
+    def __init__(self, root, split):
+        root = Path(root)
+        self.ann_file = root / "annotations" / f"instances_{split}2017.json"
+        self.img_dir = root / f"{split}2017"
+        if not self.ann_file.is_file():
+            raise UserError(f"annotation file not found: {self.ann_file}")
+        if not self.img_dir.is_dir():
+            raise UserError(f"image folder not found: {self.img_dir}")
+        try:
+            raw = json.loads(self.ann_file.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"annotation file {self.ann_file} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"annotation file {self.ann_file} is not a COCO object (a JSON dict)")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(raw.get(key), list):
+                raise UserError(f"annotation file {self.ann_file} has no {key!r} list")
+        if not raw["categories"]:
+            raise UserError(f"annotation file {self.ann_file} has no categories")
+        try:
+            self.categories = {int(c["id"]): str(c["name"]) for c in raw["categories"]}
+            self.images = [{"id": int(im["id"]), "file_name": str(im["file_name"]),
+                            "width": int(im["width"]), "height": int(im["height"])} for im in raw["images"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"annotation file {self.ann_file}: a category or image entry lacks {e}") from None
+        if min(self.categories) < 1:
+            raise UserError(f"annotation file {self.ann_file}: category ids must be >= 1 (0 is the background)")
+        on_disk = set(os.listdir(self.img_dir))
+        missing = [im["file_name"] for im in self.images if im["file_name"] not in on_disk]
+        if missing:
+            raise UserError(f"{len(missing)} images listed in {self.ann_file} are missing from {self.img_dir}, "
+                            f"e.g. {missing[0]}")
+        by_id = {im["id"]: im for im in self.images}
+        self.anns = {im["id"]: [] for im in self.images}
+        self.degenerate = 0
+        for a in raw["annotations"]:
+            if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a or "category_id" not in a:
+                raise UserError(f"annotation file {self.ann_file}: an annotation lacks image_id, bbox or category_id")
+            im = by_id.get(a["image_id"])
+            if im is None:
+                raise UserError(f"annotation {a.get('id')} in {self.ann_file} points at image id {a['image_id']}, "
+                                f"which the file does not list")
+            if a["category_id"] not in self.categories:
+                raise UserError(f"annotation {a.get('id')} in {self.ann_file} has unknown category {a['category_id']}")
+            a.setdefault("iscrowd", 0)  # COCOeval reads both
+            try:
+                x, y, w, h = (float(v) for v in a["bbox"])
+            except (TypeError, ValueError):
+                raise UserError(f"annotation {a.get('id')} in {self.ann_file}: bbox is not [x, y, w, h]") from None
+            a.setdefault("area", w * h)
+            box = [max(x, 0.0), max(y, 0.0), min(x + w, im["width"]), min(y + h, im["height"])]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                self.degenerate += 1
+                continue
+            self.anns[im["id"]].append({**a, "box": box})
+        self.raw = raw
+
+    def class_names(self):
+        """Category names indexed by id: 0 the background, unused ids "N/A" (torchvision's COCO list)."""
+        names = ["N/A"] * (max(self.categories) + 1)
+        names[0] = "__background__"
+        for i, name in self.categories.items():
+            names[i] = name
+        return names
+
+    def coco(self):
+        """A pycocotools COCO object of the original annotations (the evaluation's ground truth)."""
+        from pycocotools.coco import COCO
+        gt = COCO()
+        gt.dataset = self.raw
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+        return gt
+
+
+# ---------------------------------------------------------------- dataset
+
+def _decode_masks(anns, h, w):
+    from pycocotools import mask as mask_utils
+    out = np.zeros((len(anns), h, w), dtype=np.uint8)
+    for i, a in enumerate(anns):
+        seg = a.get("segmentation")
+        if not seg:  # no mask given: the box
+            x1, y1, x2, y2 = (int(round(v)) for v in a["box"])
+            out[i, y1:y2, x1:x2] = 1
+            continue
+        rles = mask_utils.frPyObjects(seg, h, w)
+        out[i] = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles)
+    return torch.from_numpy(out)
+
+
+class CocoDetection(Dataset):
+    """Items are (image uint8->float [0,1] CxHxW, target, skipped_paths); keys are (index, flip).
+
+    train=True: targets hold boxes (xyxy), labels (category ids), masks (with_masks) of non-crowd
+    objects, and images without any are left out. train=False: every listed image, target
+    {"image_id"} only (evaluation reads the annotation file itself).
+    """
+
+    def __init__(self, split: CocoSplit, train=True, with_masks=False):
+        self.split, self.train, self.with_masks = split, train, with_masks
+        self.images = split.images
+        if train:
+            self.images = [im for im in split.images
+                           if any(not a["iscrowd"] for a in split.anns[im["id"]])]
+        self.without_boxes = len(split.images) - len(self.images)
+
+    def __len__(self):
+        return len(self.images)
+
+    def aspect_group(self, index):
+        im = self.images[index]
+        return int(im["width"] > im["height"])  # mmdetection's two groups: landscape / not
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        skipped = []
+        for k in range(MAX_BAD_IN_A_ROW + 1):
+            im = self.images[(index + k) % len(self.images)]
+            path = self.split.img_dir / im["file_name"]
+            try:
+                with Image.open(path) as f:
+                    image = pil_to_tensor(f.convert("RGB"))
+            except Exception:  # PIL raises several types for truncated/garbage files
+                skipped.append(str(path))
+                continue
+            return (*self._item(im, image, flip), tuple(skipped))
+        raise UserError(f"{len(skipped)} unreadable images in a row, e.g. {skipped[0]}")
+
+    def _item(self, im, image, flip):
+        h, w = image.shape[-2:]
+        target = {"image_id": im["id"]}
+        if self.train:
+            anns = [a for a in self.split.anns[im["id"]] if not a["iscrowd"]]
+            boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            target["boxes"] = boxes
+            target["labels"] = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+            if self.with_masks:
+                target["masks"] = _decode_masks(anns, h, w)
+            if flip:
+                target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                if self.with_masks:
+                    target["masks"] = target["masks"].flip(-1)
+        if flip:
+            image = image.flip(-1)
+        return image.float().div_(255), target
+
+
+def collate_detection(batch):
+    """Lists of images and targets (sizes differ; the model batches them), plus the skipped paths."""
+    return [b[0] for b in batch], [b[1] for b in batch], [p for b in batch for p in b[2]]
+
+
+# ---------------------------------------------------------------- loader
+
+def epoch_generator(seed, epoch):
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + 17) % 2**63)
+
+
+def grouped_batches(dataset, batch_size, seed, epoch, world_size):
+    """All ranks' batches of one epoch, a pure function of (seed, epoch): images grouped by aspect
+    (landscape / portrait) so padding wastes little; each group shuffled and padded by repeating
+    its own images to a multiple of batch_size * world_size (every rank gets the same number of
+    batches, as mmdetection's DistributedGroupSampler); batch order shuffled. Items are
+    (index, flip) with flip drawn per index from the same generator (probability 0.5)."""
+    g = epoch_generator(seed, epoch)
+    flips = (torch.rand(len(dataset), generator=g) < 0.5).tolist()
+    step = batch_size * world_size
+    batches = []
+    for group in (0, 1):
+        idx = torch.tensor([i for i in range(len(dataset)) if dataset.aspect_group(i) == group], dtype=torch.int64)
+        if len(idx) == 0:
+            continue
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        idx = idx[torch.arange(math.ceil(len(idx) / step) * step) % len(idx)]
+        batches += [[(int(i), flips[i]) for i in idx[s:s + batch_size]] for s in range(0, len(idx), batch_size)]
+    order = torch.randperm(len(batches) // world_size, generator=g).tolist()
+    # Consecutive world_size batches form one global step; keep them together so a step's batches
+    # come from one group on every rank.
+    return [batches[o * world_size + r] for o in order for r in range(world_size)]
+
+
+class CocoLoader:
+    """Called as utils.data.EpochLoader (the trainer's Task.loader); `loader(epoch, start_batch=k)`
+    yields that epoch's batches from k on, the first k skipped without being loaded.
+
+    Training: grouped_batches, this rank's share. Evaluation: one image per batch (torchvision's and
+    mmdetection's test setting; detections then do not depend on how images were batched or on
+    the number of processes), contiguous shards (each image evaluated once, no padding).
+    """
+
+    def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
+                 pin_memory=False, collate_fn=collate_detection):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.seed, self.rank, self.world_size, self.train = seed, rank, world_size, train
+        self.pin_memory, self.collate_fn = pin_memory, collate_fn or collate_detection
+
+    def batches(self, epoch):
+        if not self.train:
+            return [[(i, False)] for i in ShardSampler(len(self.dataset), self.rank, self.world_size)]
+        every = grouped_batches(self.dataset, self.batch_size, self.seed, epoch, self.world_size)
+        return every[self.rank::self.world_size]
+
+    def __call__(self, epoch=0, start_batch=0):
+        # Its own generator: creating the iterator then draws nothing from the global RNG, whose state a
+        # mid-epoch checkpoint restores (nothing random happens in the workers: flips come with the keys).
+        return DataLoader(self.dataset, batch_sampler=self.batches(epoch)[start_batch:], num_workers=self.workers,
+                          collate_fn=self.collate_fn, pin_memory=self.pin_memory,
+                          generator=epoch_generator(self.seed, epoch))
+
+    def __len__(self):
+        if not self.train:
+            return len(ShardSampler(len(self.dataset), self.rank, self.world_size))
+        sizes = [sum(self.dataset.aspect_group(i) == g for i in range(len(self.dataset))) for g in (0, 1)]
+        return sum(math.ceil(n / (self.batch_size * self.world_size)) for n in sizes)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def detections_to_coco(image_id, output, with_masks):
+    """One image's model output -> COCO result dicts (bbox xywh; segm as compressed RLE)."""
+    boxes = output["boxes"].float().cpu()
+    scores, labels = output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+    bbox = [{"image_id": image_id, "category_id": c, "bbox": b, "score": s} for b, c, s in zip(xywh, labels, scores)]
+    segm = []
+    if with_masks:
+        from pycocotools import mask as mask_utils
+        masks = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        for m, c, s in zip(masks, labels, scores):
+            rle = mask_utils.encode(np.asfortranarray(m))
+            segm.append({"image_id": image_id, "category_id": c, "score": s,
+                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    return bbox, segm
+
+
+def coco_eval(coco_gt, results, iou_type, img_ids=None):
+    """COCOeval on `results` (a list of COCO result dicts); returns (metrics in %, summary text).
+
+    Metrics are {type_AP, type_AP50, type_AP75, type_APs, type_APm, type_APl}; pycocotools' -1 (no
+    ground truth in that size range) stays -1. No detections at all scores 0 where there is ground truth.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if results:
+            dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes writes into the dicts
+        else:  # loadRes refuses an empty list
+            dt = COCO()
+            dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                          "annotations": []}
+            dt.createIndex()
+        ev = COCOeval(coco_gt, dt, iou_type)
+        if img_ids is not None:
+            ev.params.imgIds = sorted(img_ids)
+        ev.evaluate()
+        ev.accumulate()
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ev.summarize()
+    metrics = {f"{iou_type}_{k}": (100 * float(v) if v >= 0 else -1.0) for k, v in zip(METRICS, ev.stats[:6])}
+    return metrics, text.getvalue()
+
+
+def metrics_line(iou_type, metrics):
+    """`bbox: AP 39.200 AP50 ... AP75 ... APs ... APm ... APl ...` (percent, 3 decimals)."""
+    return f"{iou_type}: " + " ".join(f"{k} {metrics[f'{iou_type}_{k}']:.3f}" for k in METRICS)
+
+
+# ---------------------------------------------------------------- demo data
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "coco_demo"
+DEMO_CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"})
+DEMO_STAMP, DEMO_VERSION = ".demo_version", "1: 3 shapes, 96 train + 24 val images, 96-160 px, seed 0"
+
+
+def _shape_polygon(kind, x, y, w, h, rng):
+    if kind == 1:
+        return [x, y, x + w, y, x + w, y + h, x, y + h]
+    if kind == 2:
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        return [v for a in t for v in (x + w / 2 * (1 + np.cos(a)), y + h / 2 * (1 + np.sin(a)))]
+    apex = x + rng.uniform(0.2, 0.8) * w
+    return [apex, y, x + w, y + h, x, y + h]
+
+
+def _polygon_area(p):
+    xs, ys = np.array(p[0::2]), np.array(p[1::2])
+    return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
+
+
+def make_coco_demo(out, train_images=96, val_images=24, sizes=(96, 160), seed=0):
+    """COCO-format shapes: 1-3 non-overlapping rectangles / ellipses / triangles per image, each with
+    its box and polygon mask, on a noisy background. Same arguments, same files."""
+    out = Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train_images), ("val", val_images)):
+        folder = out / f"{split}2017"
+        folder.mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(count):
+            rng = np.random.default_rng([seed, split == "val", i])
+            w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+            bg = rng.uniform(0, 255, 3)
+            img = Image.fromarray(np.clip(bg + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+            draw = ImageDraw.Draw(img)
+            placed = []
+            for _ in range(int(rng.integers(1, 4))):
+                for _try in range(20):
+                    bw, bh = rng.uniform(0.25, 0.5) * w, rng.uniform(0.25, 0.5) * h
+                    x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+                    if all(x + bw < a or a + c < x or y + bh < b or b + d < y for a, b, c, d in placed):
+                        break
+                else:
+                    continue
+                placed.append((x, y, bw, bh))
+                cat = int(rng.integers(1, 4))
+                poly = [round(float(v), 2) for v in _shape_polygon(cat, x, y, bw, bh, rng)]
+                colour = tuple(int(v) for v in (bg + 128 + rng.uniform(-60, 60, 3)) % 256)
+                draw.polygon(poly, fill=colour)
+                xs, ys = poly[0::2], poly[1::2]
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "iscrowd": 0,
+                             "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                             "area": _polygon_area(poly), "segmentation": [poly]})
+            name = f"{i + 1:012d}.jpg"
+            img.save(folder / name, quality=92)
+            images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        data = {"images": images, "annotations": anns, "categories": list(DEMO_CATEGORIES)}
+        (out / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+    return out
+
+
+def ensure_coco_demo(root=DEMO_DIR):
+    """The cached demo set, generated on first use (into a temporary folder, then renamed)."""
+    root = Path(root)
+    if (root / DEMO_STAMP).is_file() and (root / DEMO_STAMP).read_text() == DEMO_VERSION:
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    for old in (tmp, root):
+        if old.exists():
+            shutil.rmtree(old)
+    make_coco_demo(tmp)
+    (tmp / DEMO_STAMP).write_text(DEMO_VERSION)
+    tmp.rename(root)
+    return root
