@@ -24,8 +24,10 @@ figures: $(STAMP)
 	$(PY) scripts/plot_curves.py $(DEMO_RUN) -o runs/demo/curves.png
 	OMP_NUM_THREADS=1 $(PY) scripts/gradcam.py $(DEMO_RUN) --images data/demo/val -n 10 -o runs/demo/gradcam.png
 
+# One process per core (pytest-xdist), a test file per process so module fixtures are built once;
+# one intra-op thread each, or the processes fight over the cores.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n auto --dist loadfile tests
 
 summary: $(STAMP)
 	$(PY) scripts/model_summary.py

@@ -24,11 +24,25 @@ DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
 STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # trainable_layers counts from the top
 
 
+class FrozenBatchNorm(FrozenBatchNorm2d):
+    """FrozenBatchNorm2d for inputs of any rank [N, C, ...]: the BatchNorm1d inside SRM sees [N, C, 1]."""
+
+    def forward(self, x):
+        if x.dim() == 4:
+            return super().forward(x)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(view) + shift.view(view)
+
+
 def freeze_batchnorm(module):
-    """Replace every BatchNorm2d under `module` by a FrozenBatchNorm2d holding the same statistics."""
+    """Replace every BatchNorm (2d, and the 1d of attention modules such as SRM) under `module` by a
+    frozen one holding the same statistics (FrozenBatchNorm2d's keys: no num_batches_tracked)."""
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            frozen = (FrozenBatchNorm2d if isinstance(child, nn.BatchNorm2d) else FrozenBatchNorm)(
+                child.num_features, eps=child.eps)
             for key in ("weight", "bias", "running_mean", "running_var"):
                 getattr(frozen, key).copy_(getattr(child, key).detach())
             setattr(module, name, frozen)

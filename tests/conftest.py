@@ -16,6 +16,10 @@ def reference_layouts():
     import json
     return json.loads(gzip.decompress(REFERENCE_LAYOUTS.read_bytes()))
 
+# SimAM's compiled kernels cost every new process seconds of compilation; the end-to-end tests (and
+# the processes they start) run the eager fused path, and test_simam.py tests the compiled one itself.
+os.environ.setdefault("SIMAM_IMPL", "eager")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

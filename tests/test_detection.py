@@ -76,6 +76,19 @@ def test_backbone_keys_are_our_imagenet_models(attention):
         assert q.requires_grad == name.startswith(("layer2", "layer3", "layer4")), name
     with pytest.raises(ValueError, match="ResNet-style"):
         create_detector("faster_rcnn", "mobilenet_v2")
+    # Frozen BatchNorm (SRM's BatchNorm1d included) computes what the ImageNet net computes in eval mode.
+    from torchvision.models._utils import IntermediateLayerGetter
+    torch.manual_seed(0)
+    imagenet = create_net("resnet18", attention).eval()
+    for m in imagenet.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    body.load_state_dict({k.removeprefix("backbone.body."): v for k, v in imagenet.state_dict().items()
+                          if f"backbone.body.{k}" in want}, strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        got, ref = body(x), IntermediateLayerGetter(imagenet, {"layer4": "3"})(x)
+    torch.testing.assert_close(got["3"], ref["3"], rtol=1e-4, atol=1e-5)
 
 
 def test_pretrained_backbone_ours_and_reference_format(tmp_path):

@@ -44,7 +44,7 @@ def acc_line(proc):
 
 
 def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
-    args = [tiny_data, *TINY, *SIMAM, "-b", "8", "--lr", "0.01", "-j", "2", "--seed", "0"]
+    args = [tiny_data, *TINY, *SIMAM, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", "0"]
 
     # Two uninterrupted epochs.
     a = ok(run_cli(args + ["--epochs", "2", "--ckpt", tmp_path / "a"]))
