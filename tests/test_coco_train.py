@@ -86,9 +86,12 @@ def test_training_lowers_the_loss_resumes_bit_exact_and_evaluates(tmp_path):
     for key in ["train_loss", "val_detections"] + KEYS[:6]:
         assert rows_b[1][key] == rows[1][key], key
 
-    # -e on a bare state_dict (as torchvision's published weights come) prints the epoch's figures.
+    # --save_weights writes the bare state_dict (as torchvision's published weights come); -e on it
+    # prints the epoch's figures.
     bare = tmp_path / "bare.pth"
-    torch.save(ck["state_dict"], bare)
+    run_coco(data, ["--save_weights", bare, "--resume", run_a / "checkpoint.pth.tar"] + args)
+    sd = load(bare)
+    assert sd.keys() == ck["state_dict"].keys() and all(torch.equal(sd[k], v) for k, v in ck["state_dict"].items())
     line, count, dets = eval_line(run_coco(data, ["-e", "--resume", bare] + args))
     assert count == 4 and dets == rows[1]["val_detections"] and line == row_line(rows[1], ("bbox",))
 

@@ -114,7 +114,10 @@ def check_args(args, task):
 
 
 def num_classes_of(state_dict):
-    """The classifier width: the first dim of the last 2-D weight (fc / classifier)."""
+    """The classifier width: a detector's box classifier, else the first dim of the last 2-D weight
+    (fc / classifier)."""
+    if "roi_heads.box_predictor.cls_score.weight" in state_dict:
+        return state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
     mats = [v for v in state_dict.values() if v.dim() == 2]
     if not mats:
         raise UserError("cannot tell the number of classes from the checkpoint")
