@@ -175,11 +175,19 @@ def eval_line(va, checkpoint):
         f" ({va['count']} images, {va['detections']} detections, {checkpoint})"
 
 
+def profile(model, args):
+    from utils.flops import profile_detector
+    size = (args.min_size, args.max_size)
+    return {**profile_detector(model, size), "where": f"({args.detector}, one {size[0]}x{size[1]} image, "
+                                                      "1000 proposals; RoIAlign and NMS not counted)"}
+
+
 def make_task(args):
     return Task(name=f"coco-{args.detector}", archs=ARCHS, attentions=ATTENTION_CHOICES, classes=classes,
                 datasets=datasets, model=model, collate_fn=collate_detection, image_size=args.min_size,
                 loader=CocoLoader, schedule=schedule, train_one_epoch=train_one_epoch, evaluate=evaluate,
-                val_row=val_row, summary=summary, eval_line=eval_line, best_key="bbox_AP", best_label="bbox AP")
+                val_row=val_row, summary=summary, eval_line=eval_line, best_key="bbox_AP", best_label="bbox AP",
+                profile=functools.partial(profile, args=args))
 
 
 def main(argv=None):

@@ -18,7 +18,6 @@ attention modules' own element-wise work, which that convention leaves out (docs
 import json
 import sys
 
-import torch
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,40 +45,12 @@ def summary_rows(dataset="imagenet", archs=None, attentions=None, attention_para
     return rows
 
 
-@torch.no_grad()
-def detector_stats(kind, arch, attention_type="none", attention_param=None, num_classes=91, size=(800, 1333),
-                   proposals=1000, detections=100):
-    """dict(params, flops, flops_parts) of a detector (see the module docstring)."""
-    from thop import profile
-    from torchvision.ops import FrozenBatchNorm2d
-
+def detector_stats(kind, arch, attention_type="none", attention_param=None, num_classes=91, size=(800, 1333)):
+    """dict(params, flops, flops_parts) of a detector (utils.flops.profile_detector)."""
     from networks import create_detector
-    from networks.attentions.simam import SimAM
-    from utils.flops import PAPER_OPS, _meta_copy
-    model = create_detector(kind, arch, attention_type, attention_param, num_classes=num_classes)
-    params = sum(p.numel() for p in model.parameters())
-    m = _meta_copy(model).eval()
-    for mod in m.modules():
-        if isinstance(mod, SimAM):
-            mod.impl = "formula"
-    ops = {**PAPER_OPS, FrozenBatchNorm2d: PAPER_OPS[torch.nn.BatchNorm2d]}  # inference BN either way
-
-    def count(module, *inputs):
-        return int(profile(module, inputs=inputs, custom_ops=ops, verbose=False)[0])
-
-    def meta(*shape):
-        return torch.zeros(*shape, device="meta")
-
-    x = meta(1, 3, *size)
-    parts = {"backbone+fpn": count(m.backbone, x)}
-    levels = [meta(1, 256, -(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32, 64)]
-    parts["rpn_head"] = count(m.rpn.head, levels)
-    parts["box_head"] = count(m.roi_heads.box_head, meta(proposals, 256, 7, 7)) + \
-        count(m.roi_heads.box_predictor, meta(proposals, m.roi_heads.box_predictor.cls_score.in_features))
-    if m.roi_heads.has_mask():
-        parts["mask_head"] = count(m.roi_heads.mask_head, meta(detections, 256, 14, 14)) + \
-            count(m.roi_heads.mask_predictor, meta(detections, 256, 14, 14))
-    return dict(params=params, flops=sum(parts.values()), flops_parts=parts)
+    from utils.flops import profile_detector
+    return profile_detector(create_detector(kind, arch, attention_type, attention_param, num_classes=num_classes),
+                            size)
 
 
 def detector_markdown(rows):

@@ -1,4 +1,5 @@
 """Training curves of one or more runs: top-1 and loss per epoch (train dashed, validation solid).
+For COCO runs (main_coco.py) the top panel is validation box AP (solid) and mask AP (dash-dot).
 
     python scripts/plot_curves.py checkpoints/imagenet-resnet50 checkpoints/imagenet-resnet50-simam-param0.1 -o curves.png
 
@@ -12,12 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import ARCH_LABEL, attention_label, effective_param, find_runs, read_run  # noqa: E402
+from utils.runs import ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, effective_param, find_runs, read_run  # noqa: E402
 
 
 def run_label(args):
     att = args.get("attention_type", "none")
     label = ARCH_LABEL.get(args["arch"], args["arch"])
+    if args.get("detector"):
+        label = f"{DETECTOR_LABEL.get(args['detector'], args['detector'])} {label}"
     if att != "none":
         label += " + " + attention_label(att, effective_param(att, args.get("attention_param")))
     if args.get("seed") is not None:
@@ -39,6 +42,10 @@ def make_figure(runs, title=None):
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    kinds = {best_key(r["rows"]) for r in runs}
+    if len(kinds) > 1:
+        raise UserError("cannot plot classification and COCO runs in one figure: plot them separately")
+    coco = kinds == {"bbox_AP"}
     fig, (ax_acc, ax_loss, ax_lr) = plt.subplots(
         3, 1, figsize=(9, 10), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -50,10 +57,16 @@ def make_figure(runs, title=None):
         ep = [r["epoch"] for r in rows]
         label = run_label(run["args"])
         style = dict(color=c, marker=marker, ms=4)
-        ax_acc.plot(ep, [r["val_acc1"] for r in rows], lw=2, **style,
-                    label=f"{label}: val (best {run['best']['val_acc1']:.2f})")
-        ax_acc.plot(ep, [r["train_acc1"] for r in rows], lw=1.2, ls="--", **style, label=f"{label}: train")
-        ax_loss.plot(ep, [r["val_loss"] for r in rows], lw=2, **style, label=f"{label}: val")
+        if coco:
+            ax_acc.plot(ep, [r["bbox_AP"] for r in rows], lw=2, **style,
+                        label=f"{label}: box AP (best {run['best']['bbox_AP']:.2f})")
+            if "segm_AP" in rows[0]:
+                ax_acc.plot(ep, [r["segm_AP"] for r in rows], lw=1.5, ls="-.", **style, label=f"{label}: mask AP")
+        else:
+            ax_acc.plot(ep, [r["val_acc1"] for r in rows], lw=2, **style,
+                        label=f"{label}: val (best {run['best']['val_acc1']:.2f})")
+            ax_acc.plot(ep, [r["train_acc1"] for r in rows], lw=1.2, ls="--", **style, label=f"{label}: train")
+            ax_loss.plot(ep, [r["val_loss"] for r in rows], lw=2, **style, label=f"{label}: val")
         ax_loss.plot(ep, [r["train_loss"] for r in rows], lw=1.2, ls="--", **style, label=f"{label}: train")
         ax_lr.plot(ep, [r["lr"] for r in rows], color=c, lw=1.5, drawstyle="steps-post")
         drops.update(lr_drops(rows))
@@ -61,10 +74,10 @@ def make_figure(runs, title=None):
         for e in sorted(drops):
             ax.axvline(e, color="0.5", ls=":", lw=1)
         ax.grid(alpha=0.3)
-    ax_acc.set_ylabel("top-1 accuracy (%)")
+    ax_acc.set_ylabel("COCO val AP (%)" if coco else "top-1 accuracy (%)")
     ax_acc.legend(fontsize=8, loc="best")
-    ax_loss.set_ylabel("cross-entropy loss")
-    losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "val_loss")]
+    ax_loss.set_ylabel("training loss (sum of the detector's losses)" if coco else "cross-entropy loss")
+    losses = [r[k] for run in runs for r in run["rows"] for k in ("train_loss", "val_loss") if k in r]
     if min(losses) > 0 and max(losses) > 20 * min(losses):
         ax_loss.set_yscale("log")  # an early blow-up would flatten every other point
     ax_loss.legend(fontsize=8, loc="best")
@@ -74,7 +87,8 @@ def make_figure(runs, title=None):
     ax_lr.set_xlim(0.8, last + 0.2)
     if last <= 20:
         ax_lr.set_xticks(range(1, last + 1))
-    ax_acc.set_title(title or "Training (dashed) and validation (solid) curves")
+    ax_acc.set_title(title or ("Validation AP and training loss" if coco else
+                               "Training (dashed) and validation (solid) curves"))
     fig.tight_layout()
     return fig
 

@@ -63,12 +63,31 @@ def test_training_lowers_the_loss_resumes_bit_exact_and_evaluates(tmp_path):
     out = run_coco(data, ["--epochs", "2", "--ckpt", tmp_path / "a"] + args)
     run_a = tmp_path / "a" / "coco-faster_rcnn-resnet18-seed0"
     assert f"run folder: {run_a}" in out and out.count("IoU metric: bbox") == 2
+    assert re.search(r"^resnet18 \+ none: [\d.]+ M params, [\d.]+ G FLOPs \(faster_rcnn, one 48x64 image", out, re.M)
     assert re.search(r"^bbox: AP \d+\.\d{3} AP50 \d+\.\d{3} AP75 \d+\.\d{3} APs -?\d+\.\d{3} APm", out, re.M)
     rows = metrics(run_a)
     assert [r["epoch"] for r in rows] == [1, 2] and all(set(KEYS[:6]) <= set(r) for r in rows)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]  # it learns
     ck = load(run_a / "checkpoint.pth.tar")
     assert ck["epoch"] == 2 and ck["arch"] == "resnet18" and ck["num_classes"] == 4
+
+    # The curves: box AP per epoch in the top panel, the summed detector loss below.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "scripts" / "plot_curves.py")
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    from utils.runs import read_run
+    fig = plot_curves.make_figure([read_run(run_a)])
+    ap, loss, _ = fig.axes
+    assert list(ap.lines[0].get_ydata()) == [r["bbox_AP"] for r in rows] and "box AP" in ap.lines[0].get_label()
+    assert list(loss.lines[0].get_ydata()) == [r["train_loss"] for r in rows]
+    assert ap.lines[0].get_label().startswith("Faster R-CNN ResNet-18")
+
+    # The classification tools (eval_checkpoints.py, gradcam.py) name the right tool for it.
+    from utils import UserError
+    from utils.models import load_model
+    with pytest.raises(UserError, match="is a COCO detector's checkpoint.*main_coco.py DATA -e --resume"):
+        load_model(run_a)
 
     # One epoch, then a resumed second: the same weights, optimizer state and metrics.
     run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "b"] + args)

@@ -178,7 +178,44 @@ def profile_model(model, image_size=224):
     return dict(params=int(params), flops=int(flops), attention_elementwise=int(sum(work)))
 
 
+@torch.no_grad()
+def profile_detector(model, size=(800, 1333), proposals=1000, detections=100):
+    """dict(params, flops, flops_parts) of a torchvision Faster / Mask R-CNN at one `size` (h, w) image,
+    part by part on shapes: backbone + FPN, the RPN head on every level, the box head for `proposals`
+    RoIs and the mask head for `detections` (what mmdetection's get_flops counts). thop has no rule
+    for RoIAlign, anchors and NMS: those are not counted. `model` is not modified."""
+    from thop import profile
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = _unwrap(model)
+    params = sum(p.numel() for p in model.parameters())
+    m = _meta_copy(model).eval()
+    for mod in m.modules():
+        if isinstance(mod, SimAM):
+            mod.impl = "formula"
+    ops = dict(PAPER_OPS)
+    for mod in m.modules():  # frozen BatchNorm (2d, and SRM's 1d): inference BN either way
+        if isinstance(mod, FrozenBatchNorm2d):
+            ops[type(mod)] = PAPER_OPS[nn.BatchNorm2d]
+
+    def count(module, *inputs):
+        return int(profile(module, inputs=inputs, custom_ops=ops, verbose=False)[0])
+
+    def meta(*shape):
+        return torch.zeros(*shape, device="meta")
+
+    parts = {"backbone+fpn": count(m.backbone, meta(1, 3, *size))}
+    levels = [meta(1, 256, -(-size[0] // s), -(-size[1] // s)) for s in (4, 8, 16, 32, 64)]
+    parts["rpn_head"] = count(m.rpn.head, levels)
+    parts["box_head"] = count(m.roi_heads.box_head, meta(proposals, 256, 7, 7)) + \
+        count(m.roi_heads.box_predictor, meta(proposals, m.roi_heads.box_predictor.cls_score.in_features))
+    if m.roi_heads.has_mask():
+        parts["mask_head"] = count(m.roi_heads.mask_head, meta(detections, 256, 14, 14)) + \
+            count(m.roi_heads.mask_predictor, meta(detections, 256, 14, 14))
+    return dict(params=params, flops=sum(parts.values()), flops_parts=parts)
+
+
 def format_summary(arch, attention_type, stats):
     """One line, e.g. `resnet50 + simam: 25.56 M params, 4.11 G FLOPs`."""
     return (f"{arch} + {attention_type}: {stats['params'] / 1e6:.2f} M params, "
-            f"{stats['flops'] / 1e9:.2f} G FLOPs")
+            f"{stats['flops'] / 1e9:.2f} G FLOPs" + (f" {stats['where']}" if stats.get("where") else ""))

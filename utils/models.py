@@ -43,6 +43,9 @@ def identify(ckpt, path, arch=None, attention_type=None, attention_param=None, a
     archs = tuple(MODELS) if archs is None else tuple(archs)
     sd = model_state(ckpt)
     rec = ckpt if isinstance(ckpt, dict) else {}
+    if any(k.startswith("roi_heads.") for k in sd):
+        raise UserError(f"{path} is a COCO detector's checkpoint, not a classifier's: evaluate it with "
+                        f"main_coco.py DATA -e --resume {path}")
     found_arch = rec.get("arch") or arch
     if found_arch is None:
         raise UserError(f"{path} does not record its architecture: pass -a ARCH")

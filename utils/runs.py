@@ -7,6 +7,7 @@ prints `new DIR`, `resume CHECKPOINT` or `done DIR`).
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -98,8 +99,14 @@ def read_metrics(run):
     return rows
 
 
+def best_key(rows):
+    """The metrics.jsonl key that picks a run's best epoch: val_acc1, or bbox_AP for detection."""
+    return "bbox_AP" if rows and "bbox_AP" in rows[0] else "val_acc1"
+
+
 def read_run(run):
-    """{run, args, rows, best}: the recorded settings, the epochs, and the best-top-1 epoch's row."""
+    """{run, args, rows, best}: the recorded settings, the epochs, and the best epoch's row (top-1;
+    box AP for COCO runs)."""
     run = Path(run)
     args_path = run / "args.json"
     if not args_path.is_file():
@@ -107,7 +114,8 @@ def read_run(run):
     args = json.loads(args_path.read_text())
     rows = read_metrics(run)
     # The reference keeps the best top-1 epoch (model_best); its top-5 is that epoch's top-5.
-    best = max(rows, key=lambda r: r["val_acc1"]) if rows else None
+    key = best_key(rows)
+    best = max(rows, key=lambda r: r.get(key, -math.inf)) if rows else None
     return {"run": run, "args": args, "rows": rows, "best": best}
 
 

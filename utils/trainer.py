@@ -55,6 +55,7 @@ class Task:
     model: Callable
     collate_fn: Callable = None
     image_size: int = 224  # for the params/FLOPs line
+    profile: Callable = None  # model -> utils.flops stats for that line; None: profile_model at image_size
     loader: Callable = EpochLoader  # called as EpochLoader is; main_cifar.py serves batches from the device
     schedule: Callable = schedule_from_args  # (args, iters_per_epoch) -> lr_fn(epoch, it)
     # The loop and what it reports; the defaults are the classifiers' (main_coco.py sets its own).
@@ -135,8 +136,8 @@ def print_model_summary(model, args, task, logger):
     if not logger.enabled:
         return
     try:
-        from .flops import format_summary, profile_model
-        stats = profile_model(model, image_size=task.image_size)  # profiles a copy
+        from .flops import format_summary, profile_model  # both work on a copy
+        stats = task.profile(model) if task.profile else profile_model(model, image_size=task.image_size)
         for line in format_summary(args.arch, args.attention_type, stats).splitlines():
             logger.info(line)
     except Exception as e:  # thop trouble must not stop a training run
