@@ -21,7 +21,6 @@ table gives median [min-max] over repeats, the ratio to `old` within each repeat
 [min-max]), and the cores one GPU needs at the median per-core rate for ResNet-50 at 3,000 and ResNet-18 at 8,000 images/s.
 """
 import argparse
-import io
 import os
 import platform
 import statistics

@@ -41,9 +41,9 @@ def tiny_data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("tiny") / "data")
 
 
-def run_cli(args, timeout=180, launcher=None, cwd=ROOT):
-    """Run `python main_imagenet.py ARGS` (or `torchrun ... main_imagenet.py ARGS`); returns CompletedProcess."""
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "main_imagenet.py")] + [str(a) for a in args]
+def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py"):
+    """Run `python SCRIPT ARGS` (or `torchrun ... SCRIPT ARGS`); returns CompletedProcess."""
+    cmd = (launcher or [sys.executable]) + [str(ROOT / script)] + [str(a) for a in args]
     # One intra-op thread: on a busy 2-core machine, 2-thread OpenMP steps run 10x slower, not 2x.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # Own session, so a timeout kills torchrun's workers too instead of leaving them running.

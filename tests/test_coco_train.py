@@ -1,16 +1,13 @@
 """main_coco.py end to end on tiny generated COCO data (CPU): training, AP lines, exact resume,
 torchrun evaluation against a single process, bare state_dict evaluation."""
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from utils.coco import make_coco_demo
 
 # Small images, a frozen backbone and few proposals/samples keep a ResNet-18 detector step short on a CPU;
@@ -24,18 +21,9 @@ KEYS = [f"{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75", "AP
 
 
 def run_coco(data, args, launcher=None, timeout=300):
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "main_coco.py"), str(data)] + [str(a) for a in args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}")
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    return out
+    proc = run_cli([data, *args], timeout=timeout, launcher=launcher, script="main_coco.py")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def metrics(run_dir):

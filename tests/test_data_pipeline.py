@@ -1,7 +1,6 @@
 """The uint8 input pipeline (utils/data.py): equivalence with the previous float path, the crop
 distribution against torchvision's RandomResizedCrop, per-sample seeding and mid-epoch starts,
 unreadable images, and the move to the device (engine._unpack)."""
-import io
 import math
 import random
 

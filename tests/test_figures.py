@@ -297,6 +297,17 @@ def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
         row = next(ln for ln in proc.stdout.splitlines() if ln.startswith(line))
         assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in row
 
+    # Again, for one of its runs: the finished run is skipped, its folder untouched, and still plotted.
+    run = tmp_path / "ck" / "cifar10-resnet20-simam-param0.1-seed0"
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name not in ("log.txt", ".lock")}
+    again = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", "0", "--dataset", "cifar10",
+                            "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16",
+                            "--ckpt", str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="0.1", **FAST))
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name not in ("log.txt", ".lock")} == before
+    assert f"| resnet20 (CIFAR-10) | 0.1 | 1 | **{accs[0.1][0]:.2f}** |" in again.stdout
+
 
 def test_lambda_sweep_refuses_its_own_flags():
     for argv in (["cifar", "0", "--attention_param", "1e-3"], ["mnist", "0"], ["cifar"]):

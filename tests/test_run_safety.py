@@ -70,6 +70,7 @@ def test_rerun_of_a_finished_run_is_a_noop_and_an_unfinished_one_is_refused(data
     before = snapshot(finished)
     again = ok(run_cli(args(data, finished.parent, 2)))
     assert "already finished" in again.stdout and "nothing to do" in again.stdout
+    assert again.stdout.rstrip().splitlines()[-1].startswith("done: best Acc@1 ")  # what sweeps and seed scripts read
     assert snapshot(finished) == before
 
     # Asking for more epochs without --resume: refused, naming the folder, its epoch and the ways on.

@@ -16,7 +16,7 @@ from . import UserError
 from .checkpoint import load_checkpoint, model_state
 from .coco import coco_eval, detections_to_coco, metrics_line
 from .distributed import all_reduce_sum
-from .engine import NonFiniteLossError
+from .engine import NonFiniteLossError, optimizer_step, progress_line
 from .logger import RunLogger
 
 def _autocast(device, amp_dtype):
@@ -60,14 +60,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
         with _autocast(device, amp_dtype):
             parts = model(images, targets)
             loss = sum(parts.values())
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
 
         # Detection steps are long and their losses few: one host sync per step costs nothing.
         n = len(images)
@@ -82,11 +75,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
             line = (f"Epoch: [{epoch + 1}][{it:>{len(str(n_iter))}}/{n_iter}]  lr {lr:.5f}  "
                     f"loss {local['loss'] / local['images']:.4f}  "
                     + "  ".join(f"{k} {v:.4f}" for k, v in zip(parts, values[1:])))
-            if bar is not None:
-                bar.set_postfix_str(f"lr {lr:.4f} loss {values[0]:.4f}")
-                logger.file(line)
-            else:
-                logger.info(line)
+            progress_line(logger, bar, line, f"lr {lr:.4f} loss {values[0]:.4f}")
         if bar is not None:
             bar.update(1)
         if boundary is not None and it + 1 < n_iter and boundary(it + 1, current_sums):

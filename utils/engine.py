@@ -69,6 +69,27 @@ def _topk_correct(output, target, ks):
     return [hit[:, :k].any(dim=1).sum() for k in ks]
 
 
+def optimizer_step(loss, optimizer, scaler=None):
+    """Backward and one optimizer step (through the fp16 GradScaler when there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def progress_line(logger, bar, line, postfix):
+    """A training progress line: into log.txt under a progress bar (which shows `postfix`), else printed."""
+    if bar is not None:
+        bar.set_postfix_str(postfix)
+        logger.file(line)
+    else:
+        logger.info(line)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *, scaler=None,
                     amp_dtype=None, channels_last=False, print_freq=10, logger=None,
                     start_iter=0, sums=None, boundary=None):
@@ -107,14 +128,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
         with _autocast(device, amp_dtype):
             output = model(images)
             loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
 
         n = images.shape[0]
         seen += n
@@ -126,11 +140,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
                 raise NonFiniteLossError(f"loss is {avg} at epoch {epoch + 1}, iteration {it}: stopping")
             line = (f"Epoch: [{epoch + 1}][{it:>{len(str(n_iter))}}/{n_iter}]  lr {lr:.5f}  "
                     f"loss {avg:.4f}  acc@1 {100 * correct.item() / seen:6.2f}")
-            if bar is not None:
-                bar.set_postfix_str(f"lr {lr:.4f} loss {avg:.4f}")
-                logger.file(line)
-            else:
-                logger.info(line)
+            progress_line(logger, bar, line, f"lr {lr:.4f} loss {avg:.4f}")
         if bar is not None:
             bar.update(1)
         if boundary is not None and it + 1 < n_iter and boundary(it + 1, current_sums):

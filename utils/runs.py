@@ -85,18 +85,8 @@ def find_runs(paths):
 
 def read_metrics(run):
     """The rows of <run>/metrics.jsonl, one per epoch; a half-written last line (a crash) is ignored."""
-    rows = []
-    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise UserError(f"{run}/metrics.jsonl line {i + 1} is not JSON") from None
-    return rows
+    from .runfolder import METRICS, read_rows
+    return read_rows(Path(run) / METRICS)
 
 
 def best_key(rows):

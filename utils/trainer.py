@@ -216,8 +216,10 @@ def _run(args, task, info, gpu_ids):
         run_dir = Path(args.ckpt) / run_name(task.name, args.arch, args.attention_type,
                                               effective_param(args), args.seed)
         state, folder_lock = open_run_folder(run_dir, args, ckpt, info, logger)
-        if state == "finished":
-            return {"best_acc1": state_best(run_dir), "run_dir": run_dir, "finished": True}
+        if state == "finished":  # the usual last line too: launchers and sweeps read it
+            best = state_best(run_dir)
+            logger.info(f"done: best {task.best_label} {best:.3f}; run folder: {run_dir}")
+            return {"best_acc1": best, "run_dir": run_dir, "finished": True}
         if info.is_main:
             settings = dict(vars(args), seed_used=seed, world_size=info.world_size, classes=len(classes))
             (run_dir / "args.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
