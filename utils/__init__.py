@@ -1,4 +1,4 @@
-"""Training infrastructure shared by main_imagenet.py and main_cifar.py (see utils/engine.py)."""
+"""Training infrastructure shared by main_imagenet.py, main_cifar.py and main_coco.py (see utils/trainer.py)."""
 
 
 class UserError(Exception):
