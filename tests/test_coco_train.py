@@ -2,6 +2,7 @@
 torchrun evaluation against a single process, bare state_dict evaluation."""
 import json
 import re
+import signal
 import sys
 
 import pytest
@@ -47,7 +48,7 @@ def row_line(row, types):
 
 def test_training_lowers_the_loss_resumes_bit_exact_and_evaluates(tmp_path):
     data = make_coco_demo(tmp_path / "data", train_images=8, val_images=4)
-    args = TINY + ["--seed", "0"] + MODEL_KW
+    args = TINY + ["-b", "2", "--seed", "0"] + MODEL_KW  # 4 steps an epoch: room for a stop inside one
     out = run_coco(data, ["--epochs", "2", "--ckpt", tmp_path / "a"] + args)
     run_a = tmp_path / "a" / "coco-faster_rcnn-resnet18-seed0"
     assert f"run folder: {run_a}" in out and out.count("IoU metric: bbox") == 2
@@ -77,9 +78,15 @@ def test_training_lowers_the_loss_resumes_bit_exact_and_evaluates(tmp_path):
     with pytest.raises(UserError, match="is a COCO detector's checkpoint.*main_coco.py DATA -e --resume"):
         load_model(run_a)
 
-    # One epoch, then a resumed second: the same weights, optimizer state and metrics.
-    run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "b"] + args)
+    # SIGTERM in the middle of epoch 2, then a resume: the same weights, optimizer state and metrics.
+    from test_run_safety import run_until
+    cmd = [sys.executable, str(ROOT / "main_coco.py"), str(data), "--epochs", "2", "--ckpt", str(tmp_path / "b"),
+           *map(str, args), "-p", "1"]
+    code, out_stop, err = run_until(cmd, "Epoch: [2][0/", signal.SIGTERM)
     run_b = tmp_path / "b" / "coco-faster_rcnn-resnet18-seed0"
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM at epoch 2, iteration" in out_stop, err[-3000:]
+    stopped = load(run_b / "checkpoint.pth.tar")
+    assert stopped["epoch"] == 1 and stopped["iteration"] >= 1 and stopped["epoch_sums"]["images"] > 0
     out_b = run_coco(data, ["--epochs", "2", "--ckpt", tmp_path / "b", "--resume", run_b / "checkpoint.pth.tar"] + args)
     assert "=> resumed from" in out_b and "best bbox AP" in out_b
     cb = load(run_b / "checkpoint.pth.tar")
