@@ -36,6 +36,27 @@ def make_tiny_data(out, train_per_class=8, val_per_class=3):
                              val_per_class=val_per_class, sizes=(40, 40))
 
 
+def assert_same_weights(a, b, momentum=False):
+    """Two checkpoints hold equal weights (and, with momentum=True, equal SGD momentum buffers)."""
+    import torch
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    if momentum:
+        for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for in-process training: tiny models gain nothing from threads, and on a
+    shared 2-core machine threads fighting other processes cost seconds a step."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("tiny") / "data")

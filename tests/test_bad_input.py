@@ -17,11 +17,8 @@ RUN = "imagenet-resnet18"  # no --seed: the folder has no seed suffix
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest's, for every test of this file
     yield
-    torch.set_num_threads(threads)
 
 
 def main(argv, capsys, code=1):

@@ -21,13 +21,10 @@ FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": "1"}  # no kernel compilation 
 
 
 @pytest.fixture
-def one_thread(monkeypatch):
-    """Tiny models gain nothing from threads, and threads fighting other processes cost seconds a step."""
+def one_thread(one_thread, monkeypatch):
+    """conftest's, with SimAM eager whatever the environment says."""
     monkeypatch.setenv("SIMAM_IMPL", "eager")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
 
 
 # ---- CIFAR-format folders ---------------------------------------------------------------------

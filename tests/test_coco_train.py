@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_same_weights, run_cli
 from utils.coco import make_coco_demo
 
 # Small images, a frozen backbone and few proposals/samples keep a ResNet-18 detector step short on a CPU;
@@ -91,10 +91,7 @@ def test_training_lowers_the_loss_resumes_bit_exact_and_evaluates(tmp_path):
     assert "=> resumed from" in out_b and "best bbox AP" in out_b
     cb = load(run_b / "checkpoint.pth.tar")
     assert cb["epoch"] == 2 and cb["state_dict"].keys() == ck["state_dict"].keys()
-    for k, v in ck["state_dict"].items():
-        assert torch.equal(v, cb["state_dict"][k]), k
-    for s_a, s_b in zip(ck["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    assert_same_weights(ck, cb, momentum=True)
     rows_b = metrics(run_b)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for key in ["train_loss", "val_detections"] + KEYS[:6]:

@@ -28,14 +28,6 @@ def script(name):
 gc = script("gradcam")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference_gradcam(model, x, layer, target):
     """Grad-CAM by its definition (Selvaraju et al.), with our own hook: ReLU(sum_k mean(dy/dA_k) A_k),
     min-max normalised, bilinearly upsampled to the input."""

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, make_tiny_data, run_cli
+from conftest import TINY, assert_same_weights, make_tiny_data, run_cli
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                "epoch_time", "images_per_sec"}
@@ -77,10 +77,7 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
     ok(run_cli(args + ["--epochs", "2", "--ckpt", tmp_path / "b", "--resume", run_b / "checkpoint.pth.tar"]))
     cb = load(run_b / "checkpoint.pth.tar")
     assert cb["epoch"] == 2
-    for k, v in ck["state_dict"].items():
-        assert torch.equal(v, cb["state_dict"][k]), k
-    for s_a, s_b in zip(ck["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    assert_same_weights(ck, cb, momentum=True)
     rows_b = metrics(run_b)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for key in ("train_loss", "val_loss", "val_acc1"):

@@ -101,15 +101,6 @@ def test_a_resumed_epoch_starts_at_its_batch_without_loading_the_others(tiny_dat
 
 # ---- the loop --------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: steadier than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_training_lowers_the_loss(tiny_data, one_thread):
     """Single process, CPU, generated images without augmentation, full-batch steps: it fits them."""
     torch.manual_seed(0)

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from . import UserError
 from .data import MAX_BAD_IN_A_ROW, ShardSampler
+from .demo_data import ensure_generated
 
 SPLITS = ("train", "val")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
@@ -372,15 +372,5 @@ def make_coco_demo(out, train_images=96, val_images=24, sizes=(96, 160), seed=0)
 
 
 def ensure_coco_demo(root=DEMO_DIR):
-    """The cached demo set, generated on first use (into a temporary folder, then renamed)."""
-    root = Path(root)
-    if (root / DEMO_STAMP).is_file() and (root / DEMO_STAMP).read_text() == DEMO_VERSION:
-        return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    for old in (tmp, root):
-        if old.exists():
-            shutil.rmtree(old)
-    make_coco_demo(tmp)
-    (tmp / DEMO_STAMP).write_text(DEMO_VERSION)
-    tmp.rename(root)
-    return root
+    """The cached demo set, generated on first use (utils.demo_data.ensure_generated)."""
+    return ensure_generated(root, make_coco_demo, DEMO_VERSION, stamp=DEMO_STAMP)

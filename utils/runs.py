@@ -257,12 +257,13 @@ CSV_FIELDS = ["dataset", "arch", "attention", "param", "classes", "params", "flo
               "paper_top1", "paper_top5", "diff_top1", "diff_top5", "paper_source", "source"]
 
 
-def csv_table(rows):
+def csv_table(rows, fields=CSV_FIELDS):
+    """CSV text of `rows` (dicts) in the order of `fields`; None is an empty cell."""
     out = io.StringIO()
-    w = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(out, fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
     return out.getvalue()
 
 
@@ -349,12 +350,7 @@ COCO_CSV_FIELDS = (["detector", "arch", "attention", "param", "classes", "epochs
 
 
 def coco_csv_table(rows):
-    out = io.StringIO()
-    w = csv.DictWriter(out, COCO_CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in COCO_CSV_FIELDS})
-    return out.getvalue()
+    return csv_table(rows, COCO_CSV_FIELDS)
 
 
 # ---------------------------------------------------------------- launchers' helper
