@@ -19,7 +19,7 @@ import torch
 from networks import ATTENTION_CHOICES, create_net, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import parse_args
+from utils.args import add_recipe_args, parse_args
 from utils.cifar import DeviceLoader, read_classes, read_split
 from utils.schedule import lr_at
 from utils.trainer import Task, run
@@ -43,6 +43,7 @@ def get_args_parser():
     p.add_argument("--gamma", default=0.1, type=float, help="lr factor at each milestone (default: 0.1)")
     p.add_argument("--warmup", action="store_true",
                    help="the reference's warm-up for deep nets: lr 0.01 during the first epoch")
+    add_recipe_args(p)
     p.set_defaults(arch="resnet20", epochs=164, batch_size=128, lr=0.1, weight_decay=5e-4, print_freq=100)
     actions = {a.dest: a for a in p._actions}
     for dest, flag in REFERENCE_ALIASES.items():

@@ -10,7 +10,7 @@ Docs: README.md. The loop lives in utils/ (trainer.py, engine.py) and is shared 
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
 from utils import cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import parse_args
+from utils.args import add_recipe_args, parse_args
 from utils.data import BACKENDS, SafeImageFolder, check_data_root, collate_skipping, imagenet_loader, imagenet_transforms
 from utils.demo_data import ensure_demo_dataset
 from utils.trainer import Task, run
@@ -26,7 +26,7 @@ def get_args_parser():
     p.add_argument("--data-backend", default="torch", choices=BACKENDS, dest="data_backend",
                    help="image decoding: torch (decode_jpeg + transforms.v2 on uint8), pil (PIL decode "
                         "and resize), dali (NVIDIA DALI, nvJPEG on the GPU; pip install -r requirements-dali.txt)")
-    return p
+    return add_recipe_args(p)
 
 
 def data_root(args):

@@ -5,6 +5,7 @@ written. A config file's keys are argparse dest names (arch, batch_size, weight_
 its values become parser defaults, so flags given on the command line still win.
 """
 import argparse
+import math
 import sys
 import tomllib
 from pathlib import Path
@@ -62,6 +63,76 @@ def get_args_parser(description="Train or evaluate an image classifier", add_hel
     p.add_argument("--channels-last", action="store_true", dest="channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p
+
+
+AUTO_AUGMENT_POLICIES = ("ta_wide", "ra", "augmix", "imagenet", "cifar10")
+
+
+def add_recipe_args(p):
+    """Modern-recipe flags of the classifiers (ImageNet, CIFAR), named as torchvision's classification
+    reference names them; the defaults switch every feature off, so the paper's recipe is unchanged."""
+    g = p.add_argument_group("modern training recipe (torchvision reference's flags; all off by default)")
+    g.add_argument("--mixup-alpha", default=0.0, type=float, dest="mixup_alpha",
+                   help="MixUp with Beta(A, A) mixing (0: off); with --cutmix-alpha one of the two per batch")
+    g.add_argument("--cutmix-alpha", default=0.0, type=float, dest="cutmix_alpha", help="CutMix alpha (0: off)")
+    g.add_argument("--auto-augment", default=None, choices=AUTO_AUGMENT_POLICIES, dest="auto_augment",
+                   help="augmentation policy after the crop and flip (default: none)")
+    g.add_argument("--ra-magnitude", default=9, type=int, dest="ra_magnitude",
+                   help="RandAugment magnitude (--auto-augment ra; default: 9)")
+    g.add_argument("--augmix-severity", default=3, type=int, dest="augmix_severity",
+                   help="AugMix severity (--auto-augment augmix; default: 3)")
+    g.add_argument("--random-erase", default=0.0, type=float, dest="random_erase",
+                   help="RandomErasing probability (default: 0)")
+    g.add_argument("--ra-reps", default=1, type=int, dest="ra_reps",
+                   help="repeated augmentation: each image N times an epoch (torchvision's RASampler; 1: off)")
+    g.add_argument("--model-ema", action="store_true", dest="model_ema",
+                   help="keep an exponential moving average of the weights and evaluate it too")
+    g.add_argument("--model-ema-steps", default=32, type=int, dest="model_ema_steps",
+                   help="update the EMA every S optimizer steps (default: 32)")
+    g.add_argument("--model-ema-decay", default=0.99998, type=float, dest="model_ema_decay",
+                   help="EMA decay, adjusted for batch and epochs as torchvision's reference (default: 0.99998)")
+    g.add_argument("--use-ema", action="store_true", dest="use_ema",
+                   help="with --save_weights: export the EMA weights")
+    g.add_argument("--norm-weight-decay", default=None, type=float, dest="norm_weight_decay",
+                   help="weight decay of normalization layers' parameters (default: --wd)")
+    g.add_argument("--bias-weight-decay", default=None, type=float, dest="bias_weight_decay",
+                   help="weight decay of biases (default: --wd)")
+    g.add_argument("--clip-grad-norm", default=None, type=float, dest="clip_grad_norm",
+                   help="clip the gradients' total norm to X (default: off)")
+    g.add_argument("--sync-bn", action="store_true", dest="sync_bn", help="SyncBatchNorm under DDP")
+    g.add_argument("--grad-accum-steps", default=1, type=int, dest="grad_accum_steps",
+                   help="one optimizer step every N batches (default: 1)")
+    g.add_argument("--lr-warmup-method", default="linear", choices=("linear", "constant"), dest="lr_warmup_method",
+                   help="warm-up shape during --warmup-epochs (default: linear)")
+    g.add_argument("--lr-warmup-decay", default=None, type=float, dest="lr_warmup_decay",
+                   help="warm-up start factor (default: the linear ramp from lr / warm-up iterations)")
+    return p
+
+
+def check_recipe_args(args):
+    """The recipe flags' ranges, checked before anything is built (no-op for scripts without them)."""
+    if not hasattr(args, "mixup_alpha"):
+        return
+    for flag, v in (("--mixup-alpha", args.mixup_alpha), ("--cutmix-alpha", args.cutmix_alpha)):
+        if not (math.isfinite(v) and v >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
+    for flag, v in (("--random-erase", args.random_erase), ("--model-ema-decay", args.model_ema_decay)):
+        if not 0 <= v <= 1:
+            raise UserError(f"{flag} must be in [0, 1], got {v}")
+    if args.lr_warmup_decay is not None and not 0 < args.lr_warmup_decay <= 1:
+        raise UserError(f"--lr-warmup-decay must be in (0, 1], got {args.lr_warmup_decay}")
+    for flag, v in (("--ra-reps", args.ra_reps), ("--grad-accum-steps", args.grad_accum_steps),
+                    ("--model-ema-steps", args.model_ema_steps), ("--augmix-severity", args.augmix_severity)):
+        if v < 1:
+            raise UserError(f"{flag} must be at least 1, got {v}")
+    if args.ra_magnitude < 0:
+        raise UserError(f"--ra-magnitude must be >= 0, got {args.ra_magnitude}")
+    for flag, v in (("--norm-weight-decay", args.norm_weight_decay), ("--bias-weight-decay", args.bias_weight_decay),
+                    ("--clip-grad-norm", args.clip_grad_norm)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
+    if args.use_ema and not args.save_weights:
+        raise UserError("--use-ema goes with --save_weights (it exports the EMA weights)")
 
 
 def parse_args(parser, argv=None):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import UserError, runfolder
-from .args import parse_gpu_ids, run_name
+from .args import check_recipe_args, parse_gpu_ids, run_name
 from .checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
                          rng_state, save_atomic, set_rng_state)
 from .data import EpochLoader
@@ -112,6 +112,7 @@ def check_args(args, task):
     for flag in ("train_crop_size", "val_resize_size", "val_crop_size"):
         if getattr(args, flag, 1) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    check_recipe_args(args)
 
 
 def num_classes_of(state_dict):
