@@ -21,7 +21,7 @@ from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import add_recipe_args, parse_args
 from utils.cifar import DeviceLoader, read_classes, read_split
-from utils.schedule import lr_at
+from utils.schedule import lr_at, schedule_from_args
 from utils.trainer import Task, run
 
 # The reference's main_cifar.py flag names, accepted as aliases of ours.
@@ -86,6 +86,8 @@ def make_loader(args):
 
 
 def schedule(args, iters_per_epoch):
+    if args.lr_scheduler:  # torchvision's per-epoch schedule (--lr-scheduler cosineannealinglr)
+        return schedule_from_args(args, iters_per_epoch)
     milestones = [m + 1 for m in args.milestones]  # lr_at drops at epoch >= m, the reference at epoch > m
 
     def lr_fn(epoch, it):
@@ -93,7 +95,8 @@ def schedule(args, iters_per_epoch):
             return 0.01
         return lr_at(epoch, it, iters_per_epoch, args.lr, args.epochs, cos=args.cos_lr,
                      warmup_epochs=args.warmup_epochs, gamma=args.gamma, milestones=milestones,
-                     ref_shift=args.cos_ref_shift)
+                     ref_shift=args.cos_ref_shift, warmup_method=args.lr_warmup_method,
+                     warmup_decay=args.lr_warmup_decay)
     return lr_fn
 
 

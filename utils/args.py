@@ -105,7 +105,13 @@ def add_recipe_args(p):
     g.add_argument("--lr-warmup-method", default="linear", choices=("linear", "constant"), dest="lr_warmup_method",
                    help="warm-up shape during --warmup-epochs (default: linear)")
     g.add_argument("--lr-warmup-decay", default=None, type=float, dest="lr_warmup_decay",
-                   help="warm-up start factor (default: the linear ramp from lr / warm-up iterations)")
+                   help="warm-up start factor (default: the linear ramp from lr / warm-up iterations; "
+                        "with --lr-scheduler or --lr-warmup-method constant torchvision's 0.01)")
+    g.add_argument("--lr-scheduler", default=None, choices=("cosineannealinglr",), dest="lr_scheduler",
+                   help="torchvision's per-epoch schedule: cosine from the end of --warmup-epochs (whole epochs) "
+                        "to --lr-min, the lr constant within an epoch (default: the trainer's step or --cos_lr)")
+    g.add_argument("--lr-min", default=0.0, type=float, dest="lr_min",
+                   help="with --lr-scheduler cosineannealinglr: the final lr (eta_min; default: 0)")
     return p
 
 
@@ -131,6 +137,16 @@ def check_recipe_args(args):
                     ("--clip-grad-norm", args.clip_grad_norm)):
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise UserError(f"{flag} must be a finite number >= 0, got {v}")
+    if not (math.isfinite(args.lr_min) and args.lr_min >= 0):
+        raise UserError(f"--lr-min must be a finite number >= 0, got {args.lr_min}")
+    if args.lr_scheduler is None and args.lr_min:
+        raise UserError("--lr-min goes with --lr-scheduler cosineannealinglr")
+    if args.lr_scheduler is not None:
+        if args.cos_lr:
+            raise UserError(f"--lr-scheduler {args.lr_scheduler} and --cos_lr are two schedules: choose one")
+        if args.warmup_epochs != int(args.warmup_epochs):
+            raise UserError(f"--lr-scheduler {args.lr_scheduler} steps once per epoch: --warmup-epochs must be "
+                            f"a whole number, got {args.warmup_epochs}")
     if args.use_ema and not args.save_weights:
         raise UserError("--use-ema goes with --save_weights (it exports the EMA weights)")
 

@@ -81,6 +81,74 @@ def optimizer_step(loss, optimizer, scaler=None):
         optimizer.step()
 
 
+class Stepper:
+    """Backward and optimizer steps with the recipe's options; Stepper(optimizer, scaler) alone is
+    optimizer_step on every batch.
+
+    accum_steps N: one optimizer step every N batches (the epoch's last group may be shorter), on the
+        mean of the group's losses; under DDP the gradients are all-reduced on a group's last batch only.
+        The lr schedule's `it` counts optimizer steps: index(batch), steps(batches).
+    clip_grad_norm: torch.nn.utils.clip_grad_norm_ before the step (after unscaling under fp16).
+    ema (utils.optim.ExponentialMovingAverage): updated after optimizer steps 0, S, 2S... of each epoch
+        (torchvision's `i % model_ema_steps == 0`); during the warm-up epochs it keeps copying the weights.
+    """
+
+    def __init__(self, optimizer, scaler=None, accum_steps=1, clip_grad_norm=None, ema=None, ema_steps=1,
+                 warmup_epochs=0.0):
+        self.optimizer, self.scaler, self.accum = optimizer, scaler, accum_steps
+        self.clip, self.ema, self.ema_steps, self.warmup_epochs = clip_grad_norm, ema, ema_steps, warmup_epochs
+
+    def steps(self, batches):
+        return math.ceil(batches / self.accum)
+
+    def index(self, it):
+        """The optimizer step batch `it` of the epoch belongs to."""
+        return it // self.accum
+
+    def ends_step(self, it, n_iter):
+        return (it + 1) % self.accum == 0 or it + 1 == n_iter
+
+    def sync(self, model, it, n_iter):
+        """DDP's no_sync for a group's batches before its last (the forward decides it)."""
+        if self.ends_step(it, n_iter) or not hasattr(model, "no_sync"):
+            return nullcontext()
+        return model.no_sync()
+
+    def __call__(self, loss, model, epoch, it, n_iter):
+        if self.accum == 1:
+            if self.clip is None:
+                optimizer_step(loss, self.optimizer, self.scaler)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._backward(loss)
+                self._step(model)
+        else:
+            first = it - it % self.accum
+            if it == first:
+                self.optimizer.zero_grad(set_to_none=True)
+            self._backward(loss / min(self.accum, n_iter - first))  # the group's mean loss
+            if self.ends_step(it, n_iter):
+                self._step(model)
+        if self.ema is not None and self.ends_step(it, n_iter) and self.index(it) % self.ema_steps == 0:
+            self.ema.update_parameters(model)
+            if epoch < self.warmup_epochs:  # torchvision: keep copying the weights during warm-up
+                self.ema.n_averaged.fill_(0)
+
+    def _backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _step(self, model):
+        if self.clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+
 def progress_line(logger, bar, line, postfix):
     """A training progress line: into log.txt under a progress bar (which shows `postfix`), else printed."""
     if bar is not None:
@@ -92,12 +160,14 @@ def progress_line(logger, bar, line, postfix):
 
 def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *, scaler=None,
                     amp_dtype=None, channels_last=False, print_freq=10, logger=None,
-                    start_iter=0, sums=None, boundary=None):
-    """One pass over `loader`; sets the lr from lr_fn(epoch, it) before every step.
+                    start_iter=0, sums=None, boundary=None, stepper=None):
+    """One pass over `loader`; sets the lr from lr_fn(epoch, step) before every optimizer step.
+    stepper: a Stepper (gradient accumulation, clipping, EMA); default Stepper(optimizer, scaler).
 
     Mid-epoch resume: `loader` yields the epoch's batches from `start_iter` on, and `sums` are the
     running sums an interrupted call returned. `boundary(done, get_sums)` is called after every step
-    (done: batches of this epoch finished); when it returns True the epoch stops there.
+    (done: batches of this epoch finished; with gradient accumulation only after a group's last batch,
+    so a stop never splits a group); when it returns True the epoch stops there.
 
     Returns {loss, acc1, images, skipped, time, lr, interrupted, iteration, sums}, the figures summed
     over ranks (an interrupted call returns only `interrupted`, `iteration` and this rank's `sums`).
@@ -118,17 +188,18 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
         return {"loss": loss_sum.item(), "correct": int(correct.item()), "seen": seen,
                 "skipped": sums["skipped"] + len(skipped), "time": sums["time"] + time.time() - start}
 
-    lr = lr_fn(epoch, start_iter)
+    step = stepper or Stepper(optimizer, scaler)
+    lr = lr_fn(epoch, step.index(start_iter))
     for it, batch in enumerate(loader, start=start_iter):
         images, target, bad = _unpack(batch, device, channels_last, amp_dtype)
         skipped += bad
-        lr = lr_fn(epoch, it)
+        lr = lr_fn(epoch, step.index(it))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with _autocast(device, amp_dtype):
+        with _autocast(device, amp_dtype), step.sync(model, it, n_iter):
             output = model(images)
             loss = criterion(output, target)
-        optimizer_step(loss, optimizer, scaler)
+        step(loss, model, epoch, it, n_iter)
 
         n = images.shape[0]
         seen += n
@@ -143,7 +214,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
             progress_line(logger, bar, line, f"lr {lr:.4f} loss {avg:.4f}")
         if bar is not None:
             bar.update(1)
-        if boundary is not None and it + 1 < n_iter and boundary(it + 1, current_sums):
+        if boundary is not None and it + 1 < n_iter and step.ends_step(it, n_iter) and boundary(it + 1, current_sums):
             logger.end_progress()
             return {"interrupted": True, "iteration": it + 1, "sums": current_sums(), "lr": lr}
     logger.end_progress()

@@ -25,8 +25,9 @@ from .checkpoint import (best_acc, check_identity, load_checkpoint, load_model_w
 from .data import EpochLoader
 from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                           init_distributed)
-from .engine import NonFiniteLossError, evaluate, train_one_epoch
+from .engine import NonFiniteLossError, Stepper, evaluate, train_one_epoch
 from .logger import RunLogger
+from .optim import ExponentialMovingAverage, make_ema, make_optimizer
 from .preempt import Preempted, StopFlags
 from .schedule import schedule_from_args
 
@@ -146,15 +147,24 @@ def print_model_summary(model, args, task, logger):
         logger.info(f"model [{args.arch}] - params: {n / 1e6:.6f}M (FLOPs not counted: {type(e).__name__})")
 
 
+def ema_weights(ckpt, path):
+    """The EMA's weights in a checkpoint of a --model-ema run, keyed as the model's."""
+    ema = ckpt.get("model_ema") if isinstance(ckpt, dict) else None
+    if not ema:
+        raise UserError(f"{path} holds no EMA weights (trained without --model-ema)")
+    return {"state_dict": {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}}
+
+
 def save_weights(args, task):
     ckpt = load_checkpoint(args.resume)
     sd = model_state(ckpt)
     model = task.model(args, num_classes_of(sd))
     check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
-    load_model_weights(model, ckpt, args.resume)
+    use_ema = getattr(args, "use_ema", False)
+    load_model_weights(model, ema_weights(ckpt, args.resume) if use_ema else ckpt, args.resume)
     Path(args.save_weights).parent.mkdir(parents=True, exist_ok=True)
     save_atomic(model.state_dict(), args.save_weights)
-    print(f"=> wrote plain state_dict of {args.resume} to {args.save_weights}")
+    print(f"=> wrote plain state_dict of {args.resume}{' (its EMA weights)' if use_ema else ''} to {args.save_weights}")
 
 
 def check_device(args, gpu_ids):
@@ -237,7 +247,15 @@ def _run(args, task, info, gpu_ids):
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if getattr(args, "sync_bn", False) and not args.evaluate:
+        if not info.distributed:
+            logger.info("note: --sync-bn does nothing in a single process (it syncs BatchNorm across DDP processes)")
+        elif device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm
     raw = model  # the module whose state_dict is saved (no DDP / compile prefixes)
+    ema = ema_from(args, raw, ckpt, info.world_size, batch, device, logger)
     eval_model = torch.compile(raw) if args.compile else raw
     train_model = eval_model
     if info.distributed:
@@ -257,6 +275,10 @@ def _run(args, task, info, gpu_ids):
                     f" * {summary(va)} ({va['count']} images, {args.resume})")
         if va["skipped"]:
             logger.info(f"   {va['skipped']} unreadable images were skipped")
+        if ema is not None:  # an EMA run's checkpoint: its average too
+            va["ema"] = task.evaluate(ema.module, val_loader(0), device, amp_dtype=amp_dtype,
+                                      channels_last=args.channels_last, logger=logger, desc="val EMA")
+            logger.info(f" * EMA {summary(va['ema'])} ({va['ema']['count']} images, {args.resume})")
         return va
 
     train_loader = task.loader(train_set, batch, workers, seed, info.rank, info.world_size, train=True,
@@ -264,14 +286,21 @@ def _run(args, task, info, gpu_ids):
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training images give no full batch of {batch} per process; lower -b")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.SGD(raw.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(raw, args)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    lr_fn = task.schedule(args, len(train_loader))
+    accum = getattr(args, "grad_accum_steps", 1)
+    stepper = Stepper(optimizer, scaler, accum, getattr(args, "clip_grad_norm", None), ema,
+                      getattr(args, "model_ema_steps", 1), args.warmup_epochs)
+    lr_fn = task.schedule(args, stepper.steps(len(train_loader)))  # the schedule counts optimizer steps
+    step_kwargs = {"stepper": stepper} if hasattr(args, "grad_accum_steps") else {}  # main_coco's loop: its own
 
-    start_epoch, start_iter, sums, best_acc1, best_epoch, rows = 0, 0, None, 0.0, None, []
+    start_epoch, start_iter, sums, best_acc1, best_epoch, best_of, rows = 0, 0, None, 0.0, None, None, []
     if ckpt is not None:
         (start_epoch, start_iter), best_acc1 = runfolder.progress(ckpt), best_acc(ckpt)
-        best_epoch, rows = ckpt.get("best_epoch"), list(ckpt.get("metrics", []))
+        best_epoch, best_of, rows = ckpt.get("best_epoch"), ckpt.get("best_of"), list(ckpt.get("metrics", []))
+        if start_iter % accum:
+            raise UserError(f"{args.resume} was saved inside a group of gradient accumulation (iteration "
+                            f"{start_iter}): resume with the --grad-accum-steps it was trained with")
         if start_iter and info.is_main:  # the epoch's running sums were saved over all ranks
             sums = ckpt.get("epoch_sums")
         if "optimizer" in ckpt:
@@ -289,13 +318,15 @@ def _run(args, task, info, gpu_ids):
             rows = runfolder.read_rows(run_dir / runfolder.METRICS)
     del ckpt
 
-    flags = StopFlags(device, info.distributed, agree_every=args.print_freq,
+    # Stops and saves fall on optimizer steps (every `accum` batches): the ranks agree every print_freq of them.
+    flags = StopFlags(device, info.distributed, agree_every=args.print_freq * accum,
                       save_every_minutes=args.save_every_minutes, is_main=info.is_main).install()
 
     def checkpoint_state(epoch, iteration=0, epoch_sums=None):
         return {"epoch": epoch, "iteration": iteration, "arch": args.arch, "attention_type": args.attention_type,
                 "attention_param": effective_param(args), "num_classes": len(classes), "seed": seed,
                 "state_dict": raw.state_dict(), "best_acc1": best_acc1, "best_epoch": best_epoch,
+                "best_of": best_of, "model_ema": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(), "metrics": rows, "epoch_sums": epoch_sums,
@@ -327,7 +358,7 @@ def _run(args, task, info, gpu_ids):
                 tr = task.train_one_epoch(train_model, train_loader(epoch, skip), criterion, optimizer, lr_fn, epoch,
                                           device, scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
                                           print_freq=args.print_freq, logger=logger, start_iter=skip,
-                                          sums=sums if first else None, boundary=boundary(epoch))
+                                          sums=sums if first else None, boundary=boundary(epoch), **step_kwargs)
             except NonFiniteLossError as e:
                 raise UserError(f"{e}; last good checkpoint kept: {last_good(run_dir)}") from None
             except ValueError as e:
@@ -342,14 +373,24 @@ def _run(args, task, info, gpu_ids):
             va = task.evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
                                channels_last=args.channels_last, logger=logger)
             val = val_row(va)
+            va_ema = None
+            if ema is not None:
+                # The EMA's averaged BatchNorm statistics come from each rank's own: rank 0's count.
+                broadcast_buffers(ema)
+                va_ema = task.evaluate(ema.module, val_loader(epoch), device, amp_dtype=amp_dtype,
+                                       channels_last=args.channels_last, logger=logger, desc="val EMA")
+                val.update({f"val_ema_{k.removeprefix('val_')}": v for k, v in val_row(va_ema).items()})
             bad = [k for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 raise UserError(f"validation {bad[0].removeprefix('val_').replace('_', ' ')} is {val[bad[0]]} at "
                                 f"epoch {epoch + 1}: stopping; last good checkpoint kept: {last_good(run_dir)}")
-            score = va[task.best_key]
+            # model_best: the better of the model and its EMA (the model on a tie), and it says which.
+            score, source = va[task.best_key], "model"
+            if va_ema is not None and va_ema[task.best_key] > score:
+                score, source = va_ema[task.best_key], "ema"
             is_best = score > best_acc1 or (best_epoch is None and best_acc1 == 0)  # a fresh run's first epoch
             if is_best:
-                best_acc1, best_epoch = score, epoch + 1
+                best_acc1, best_epoch, best_of = score, epoch + 1, (source if ema is not None else None)
             row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"],
                    **({"train_acc1": tr["acc1"]} if "acc1" in tr else {}), **val,
                    "epoch_time": tr["time"] + time.time() - t_val,
@@ -365,7 +406,9 @@ def _run(args, task, info, gpu_ids):
             flags.saved()
             logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f}"
                         + (f" acc@1 {tr['acc1']:.2f}" if "acc1" in tr else "") + f" | val {summary(va)} | "
-                        f"best {best_acc1:.3f} | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
+                        + (f"EMA {summary(va_ema)} | " if va_ema is not None else "")
+                        + f"best {best_acc1:.3f}" + (f" ({best_of})" if best_of else "")
+                        + f" | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
                         + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
             barrier()  # no rank starts the next epoch before rank 0 has its checkpoint on disk
             if epoch + 1 < args.epochs and flags.poll(0, force=True)[0]:
@@ -376,6 +419,30 @@ def _run(args, task, info, gpu_ids):
     if folder_lock is not None:  # rank 0's
         folder_lock.close()
     return {"best_acc1": best_acc1, "run_dir": run_dir}
+
+
+def ema_from(args, model, ckpt, world_size, per_rank_batch, device, logger):
+    """--model-ema's average of `model` (None without it); a checkpoint's EMA state when it has one.
+    `-e` evaluates the checkpoint's EMA whenever it holds one."""
+    saved = ckpt.get("model_ema") if isinstance(ckpt, dict) else None
+    if args.evaluate:
+        if not saved:
+            return None
+        ema = ExponentialMovingAverage(model, 0.0, device=device)
+    elif not getattr(args, "model_ema", False):
+        if saved:
+            logger.info(f"note: {args.resume} holds an EMA; this run has no --model-ema and drops it")
+        return None
+    else:
+        ema = make_ema(model, args, world_size, per_rank_batch, device)
+        if ckpt is not None and not saved:
+            logger.info(f"note: {args.resume} holds no EMA: the EMA starts from its weights")
+    if saved:
+        try:
+            ema.load_state_dict(saved)
+        except RuntimeError as e:
+            raise UserError(f"EMA state in {args.resume} does not fit this model: {str(e).splitlines()[0]}") from None
+    return ema
 
 
 def choose_seed(args, ckpt, device, info):
