@@ -58,7 +58,8 @@ def ema_decay(decay, steps, epochs, world_size, per_rank_batch, accum_steps=1):
     """torchvision's adjustment (from pycls), which keeps the decay per image seen independent of the
     batch, the update interval and the epochs: alpha = min(1, (1 - decay) * images per EMA update / epochs).
     With gradient accumulation an optimizer step sees accum_steps batches (torchvision has none: 1)."""
-    alpha = min(1.0, (1.0 - decay) * world_size * per_rank_batch * accum_steps * steps / epochs)
+    adjust = world_size * per_rank_batch * accum_steps * steps / epochs
+    alpha = min(1.0, (1.0 - decay) * adjust)
     return 1.0 - alpha
 
 
