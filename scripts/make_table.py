@@ -14,6 +14,10 @@ utils.flops (the paper's convention) for the model as trained.
 
 COCO runs (main_coco.py, run folders coco-<detector>-...) get their own table beside the paper's COCO
 table: the last epoch's box (and mask) AP, AP50, AP75, APs, APm, APl, one row per run.
+
+Modern-recipe runs (any of the recipe flags of docs/recipes.md on, e.g. configs/imagenet/tv2/) get their
+own table, without paper columns (the paper's numbers are for its own recipe), with the EMA's best top-1/top-5
+beside the model's where the run kept an EMA.
 """
 import argparse
 import sys
@@ -21,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import (aggregate_seeds, coco_csv_table, coco_markdown_table, coco_run_row, csv_table,  # noqa: E402
-                        find_runs, is_coco_run, markdown_table, run_row, sort_rows)
+from utils.runs import (RECIPE_CSV_FIELDS, aggregate_seeds, coco_csv_table, coco_markdown_table,  # noqa: E402
+                        coco_run_row, csv_table, find_runs, is_coco_run, markdown_table, read_run, recipe_markdown_table,
+                        recipe_name, recipe_row, run_row, sort_rows)
 
 
 def main(argv=None):
@@ -35,15 +40,22 @@ def main(argv=None):
     try:
         runs = find_runs(args.runs)
         coco = [coco_run_row(r) for r in runs if is_coco_run(r)]
-        rows = [run_row(r) for r in runs if not is_coco_run(r)]
+        classifiers = [r for r in runs if not is_coco_run(r)]
+        modern = [r for r in classifiers if recipe_name(read_run(r)["args"])]
+        rows = [run_row(r) for r in classifiers if r not in modern]
         rows = sort_rows(rows if args.per_seed else aggregate_seeds(rows))
+        recipe = [recipe_row(r) for r in modern]
+        recipe = sort_rows(recipe if args.per_seed else aggregate_seeds(recipe))
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")
-    tables = ([csv_table(rows) if args.csv else markdown_table(rows)] if rows else []) + \
-        ([coco_csv_table(coco) if args.csv else coco_markdown_table(coco)] if coco else [])
-    print("\n".join(tables), end="")
+    csv_tables = ([csv_table(rows)] if rows else []) + ([csv_table(recipe, RECIPE_CSV_FIELDS)] if recipe else []) + \
+        ([coco_csv_table(coco)] if coco else [])
+    md_tables = ([markdown_table(rows)] if rows else []) + \
+        ([f"Modern recipes (no paper column)\n\n{recipe_markdown_table(recipe)}"] if recipe else []) + \
+        ([coco_markdown_table(coco)] if coco else [])
+    print("\n".join(csv_tables if args.csv else md_tables), end="")
     if args.write_csv:
-        Path(args.write_csv).write_text("\n".join(([csv_table(rows)] if rows else []) + ([coco_csv_table(coco)] if coco else [])))
+        Path(args.write_csv).write_text("\n".join(csv_tables))
 
 
 if __name__ == "__main__":

@@ -436,3 +436,56 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_pa
     assert exported.keys() == got["state_dict"].keys()
     for k, v in exported.items():
         assert torch.equal(v, got["model_ema"]["module." + k]), k
+
+
+# ---------------------------------------------------------------- make_table
+
+def fake_recipe_run(root, name, seed, accs, config=None, **recipe):
+    """A run folder as main_imagenet.py writes it (args.json, metrics.jsonl); accs: (top1, top5[, ema1, ema5])."""
+    run = root / name
+    run.mkdir(parents=True)
+    args = dict(arch="resnet18", attention_type="simam", attention_param=0.1, epochs=len(accs), seed=seed,
+                seed_used=seed, classes=1000, config=config)
+    args.update(dict(mixup_alpha=0.0, model_ema=False, ra_reps=1), **recipe)
+    (run / "args.json").write_text(json.dumps(args))
+    rows = [dict(epoch=i + 1, val_acc1=a[0], val_acc5=a[1], val_loss=1.0,
+                 **(dict(val_ema_acc1=a[2], val_ema_acc5=a[3], val_ema_loss=1.0) if len(a) > 2 else {}))
+            for i, a in enumerate(accs)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_make_table_shows_recipe_runs_apart_with_their_ema(tmp_path, capsys):
+    import csv
+    import statistics
+    from test_make_table_seeds import make_table
+    tv2 = "configs/imagenet/tv2/resnet50_simam.toml"
+    # two seeds of a tv2 run: the model's best epoch and the EMA's best epoch differ
+    fake_recipe_run(tmp_path, "tv2-a", 0, [(70.0, 90.0, 69.0, 89.0), (72.0, 91.0, 71.0, 92.0), (71.0, 93.0, 73.0, 94.0)],
+                    config=tv2, model_ema=True, mixup_alpha=0.2)
+    fake_recipe_run(tmp_path, "tv2-b", 1, [(74.0, 92.0, 75.0, 95.0), (73.0, 90.0, 74.0, 90.0)],
+                    config=tv2, model_ema=True, mixup_alpha=0.2)
+    fake_recipe_run(tmp_path, "clip", 0, [(60.0, 80.0)], clip_grad_norm=1.0)  # a recipe flag, no EMA
+    fake_recipe_run(tmp_path, "paper", 0, [(71.0, 89.0)])  # the paper's recipe
+
+    make_table().main([str(tmp_path), "--csv"])
+    paper_csv, recipe_csv = capsys.readouterr().out.strip().split("\n\n")
+    paper = list(csv.DictReader(paper_csv.splitlines()))
+    assert [r["source"].split("/")[-1] for r in paper] == ["paper"] and float(paper[0]["paper_top1"]) == 71.31
+    recipe = {r["recipe"]: r for r in csv.DictReader(recipe_csv.splitlines())}
+    assert not any(k.startswith(("paper", "diff")) for k in recipe["tv2"])
+    t = recipe["tv2"]
+    assert int(t["seeds"]) == 2
+    assert float(t["top1"]) == pytest.approx(statistics.mean([72.0, 74.0]))  # each seed's best model epoch
+    assert float(t["top5"]) == pytest.approx(statistics.mean([91.0, 92.0]))
+    assert float(t["ema_top1"]) == pytest.approx(statistics.mean([73.0, 75.0]))  # each seed's best EMA epoch
+    assert float(t["ema_top5"]) == pytest.approx(statistics.mean([94.0, 95.0]))
+    assert float(t["ema_top1_std"]) == pytest.approx(statistics.stdev([73.0, 75.0]))
+    assert float(recipe["modern"]["top1"]) == 60.0 and recipe["modern"]["ema_top1"] == ""
+
+    make_table().main([str(tmp_path)])
+    md = capsys.readouterr().out
+    paper_md, recipe_md = md.split("Modern recipes (no paper column)")
+    assert "71.31" in paper_md and "tv2" not in paper_md
+    line = next(ln for ln in recipe_md.splitlines() if "| tv2 |" in ln)
+    assert "74.00 ± 1.41" in line and "94.50 ± 0.71" in line and "71.31" not in recipe_md

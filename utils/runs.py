@@ -177,7 +177,7 @@ def aggregate_seeds(rows):
     """One row per setting: runs that differ only in their seed become mean +- sample std over seeds."""
     groups = {}
     for r in rows:
-        key = (r["dataset"], r["arch"], r["attention"], r["param"], r["classes"])
+        key = (r["dataset"], r["arch"], r["attention"], r["param"], r["classes"], r.get("recipe"))
         groups.setdefault(key, []).append(r)
     out = []
     for group in groups.values():
@@ -187,9 +187,13 @@ def aggregate_seeds(rows):
         row = dict(group[0], seeds=len(group), seed=None)
         row["top1"], row["top1_std"] = _mean_std([r["top1"] for r in group])
         row["top5"], row["top5_std"] = _mean_std([r["top5"] for r in group])
+        for k in ("ema_top1", "ema_top5"):  # modern-recipe rows
+            if k in row:
+                row[k], row[f"{k}_std"] = _mean_std([r[k] for r in group])
         for k in ("top1", "top5"):
-            ref = row[f"paper_{k}"]
-            row[f"diff_{k}"] = None if row[k] is None or ref is None else row[k] - ref
+            ref = row.get(f"paper_{k}")
+            if f"diff_{k}" in row:
+                row[f"diff_{k}"] = None if row[k] is None or ref is None else row[k] - ref
         epochs = sorted({str(r["epochs"]) for r in group})
         row["epochs"] = epochs[0] if len(epochs) == 1 else ",".join(epochs)
         row["source"] = " ".join(sorted(str(r["source"]) for r in group))
@@ -265,6 +269,62 @@ def csv_table(rows, fields=CSV_FIELDS):
     for r in rows:
         w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
     return out.getvalue()
+
+
+# ---------------------------------------------------------------- modern-recipe runs (issue 18's flags)
+
+# The recipe flags' "off" values (utils.args.add_recipe_args): a run with any other value is a modern-recipe
+# run, shown in its own table (the paper's numbers are for the paper's recipe: no paper column there).
+RECIPE_OFF = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "auto_augment": None, "random_erase": 0.0, "ra_reps": 1,
+              "model_ema": False, "norm_weight_decay": None, "bias_weight_decay": None, "clip_grad_norm": None,
+              "grad_accum_steps": 1, "lr_warmup_decay": None, "lr_warmup_method": "linear", "lr_scheduler": None,
+              "sync_bn": False}
+
+
+def recipe_name(args):
+    """None for the paper's recipe; "tv2" for configs/imagenet/tv2/ runs; else "modern"."""
+    if all(args.get(k, off) == off for k, off in RECIPE_OFF.items()):
+        return None
+    return "tv2" if "/tv2/" in str(args.get("config") or "").replace("\\", "/") else "modern"
+
+
+def recipe_row(run):
+    """A modern-recipe run's row: the model's best epoch (top-1, its top-5) and, for EMA runs, the EMA's
+    best epoch (val_ema_acc1, its val_ema_acc5)."""
+    r = read_run(run)
+    row = run_row(run)
+    for k in [k for k in row if k.startswith(("paper_", "diff_"))]:
+        del row[k]
+    rows = [x for x in r["rows"] if "val_ema_acc1" in x]
+    ema = max(rows, key=lambda x: x["val_ema_acc1"]) if rows else None
+    row.update(recipe=recipe_name(r["args"]), ema_top1=ema["val_ema_acc1"] if ema else None,
+               ema_top5=ema["val_ema_acc5"] if ema else None, ema_top1_std=None, ema_top5_std=None)
+    return row
+
+
+def recipe_markdown_table(rows):
+    head = ["Model", "Attention", "Recipe", "Params", "FLOPs", "Epochs", "Seeds", "Top-1", "Top-5",
+            "EMA Top-1", "EMA Top-5", "Run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        small = r["dataset"] != "imagenet"
+        lines.append("| " + " | ".join([
+            _model_label(r), attention_label(r["attention"], r["param"]), r["recipe"],
+            f"{r['params'] / 1e6:.{3 if small else 2}f} M", f"{r['flops'] / 1e9:.{4 if small else 2}f} G",
+            str(r["epochs"]), str(r["seeds"] if r["seeds"] > 1 else (r["seed"] if r["seed"] is not None else 1)),
+            _acc(r["top1"], r["top1_std"]), _acc(r["top5"], r["top5_std"]),
+            _acc(r["ema_top1"], r["ema_top1_std"]), _acc(r["ema_top5"], r["ema_top5_std"]),
+            _short(r["source"])]) + " |")
+    notes = ["Modern-recipe runs (docs/recipes.md): tv2 = configs/imagenet/tv2/ (torchvision's ResNet-50 recipe; its "
+             "plain ResNet-50: 80.858 top-1), modern = other recipe flags. The paper's figures are for its own recipe: "
+             "no paper column.",
+             "Top-1/Top-5: the model's best epoch; EMA: the weights' moving average's best epoch (– without --model-ema)."]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+RECIPE_CSV_FIELDS = ["dataset", "arch", "attention", "param", "recipe", "classes", "params", "flops", "epochs",
+                     "seeds", "top1", "top1_std", "top5", "top5_std", "ema_top1", "ema_top1_std", "ema_top5",
+                     "ema_top5_std", "source"]
 
 
 # ---------------------------------------------------------------- COCO runs (main_coco.py)
