@@ -489,3 +489,23 @@ def test_make_table_shows_recipe_runs_apart_with_their_ema(tmp_path, capsys):
     assert "71.31" in paper_md and "tv2" not in paper_md
     line = next(ln for ln in recipe_md.splitlines() if "| tv2 |" in ln)
     assert "74.00 ± 1.41" in line and "94.50 ± 0.71" in line and "71.31" not in recipe_md
+
+
+def test_ddp_ranks_agree_on_the_ema(tiny_data, tmp_path):
+    """A 2-process gloo run with EMA, gradient accumulation and clipping: its validation of the EMA (each rank
+    half of the images, sums all-reduced) equals a single-process evaluation of the EMA rank 0 saved, so every
+    rank evaluated the same average (BatchNorm statistics included)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    proc = run_cli([tiny_data, *TINY, "-b", "4", "-j", "0", "--seed", "1", "--epochs", "1", "--ckpt", tmp_path,
+                    "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.5", "--grad-accum-steps", "2",
+                    "--clip-grad-norm", "1", "--norm-weight-decay", "0"], launcher=launcher, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = tmp_path / "imagenet-resnet18-seed1"
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    single = run_cli([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    model_line, ema_line = (ln for ln in single.stdout.splitlines() if ln.startswith(" * "))
+    for line, key in ((model_line, "val"), (ema_line, "val_ema")):
+        m = re.search(r"Acc@1 (\d+\.\d{3}) Acc@\d (\d+\.\d{3}) Loss (\d+\.\d+)", line)
+        assert m and m.group(1) == f"{row[key + '_acc1']:.3f}" and m.group(2) == f"{row[key + '_acc5']:.3f}", line
+        assert float(m.group(3)) == pytest.approx(row[key + "_loss"], rel=1e-4)
