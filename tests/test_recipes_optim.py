@@ -312,14 +312,27 @@ def test_bad_values_are_one_line_errors(argv, message):
         check_args(parse_args(get_args_parser(), argv), TASK)
 
 
-def test_bad_value_on_the_command_line_and_use_ema_without_an_ema(tiny_data, tmp_path):
-    proc = run_cli([tiny_data, "--grad-accum-steps", "0"])
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        "error: --grad-accum-steps must be at least 1, got 0"]
+def main_in_process(argv, capsys):
+    """main_imagenet.py's main() here (no interpreter start-up): (exit code, stdout, stderr)."""
+    import main_imagenet
+    try:
+        main_imagenet.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_value_on_the_command_line_and_use_ema_without_an_ema(tiny_data, tmp_path, capsys):
+    code, out, err = main_in_process([tiny_data, "--grad-accum-steps", "0"], capsys)
+    assert code == 1 and err.strip().splitlines() == ["error: --grad-accum-steps must be at least 1, got 0"]
     torch.save({"state_dict": tiny_net().state_dict()}, tmp_path / "plain.pth")
-    proc = run_cli(["--resume", tmp_path / "plain.pth", "--save_weights", tmp_path / "w.pth", "--use-ema"])
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    assert "holds no EMA weights (trained without --model-ema)" in proc.stderr and "Traceback" not in proc.stderr
+    code, out, err = main_in_process(["--resume", tmp_path / "plain.pth", "--save_weights", tmp_path / "w.pth",
+                                      "--use-ema"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'plain.pth'} holds no EMA weights (trained without --model-ema)"]
+    assert not (tmp_path / "w.pth").exists()
 
 
 # ---------------------------------------------------------------- the trainer
@@ -358,7 +371,7 @@ EVERYTHING = ["--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--label-smoothin
               "--random-erase", "0.1", "--ra-reps", "2", "--model-ema", "--model-ema-steps", "1",
               "--model-ema-decay", "0.9", "--norm-weight-decay", "0", "--bias-weight-decay", "0",
               "--clip-grad-norm", "1", "--grad-accum-steps", "2", "--warmup-epochs", "1", "--lr-warmup-decay", "0.1",
-              "--sync-bn", "-j", "2", "-p", "1", "-b", "2", "--seed", "0", "--epochs", "2"]
+              "--sync-bn", "-j", "2", "-p", "1", "-b", "2", "--lr", "0.02", "--seed", "0", "--epochs", "2"]
 
 
 def stop_inside_epoch_2(cmd, sig=signal.SIGTERM, timeout=300):
@@ -381,7 +394,7 @@ def stop_inside_epoch_2(cmd, sig=signal.SIGTERM, timeout=300):
     return proc.returncode, "".join(lines) + out, err
 
 
-def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_path):
+def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_path, capsys, one_thread):
     """Issue 18's every flag at once (the data side's too), -j 2: a SIGTERM inside epoch 2 and a resume end
     with the uninterrupted run's weights, momentum, EMA and metrics. Then the EMA's reporting: the epoch
     line and metrics.jsonl show both, model_best says which won, -e evaluates both, --use-ema exports it."""
@@ -422,16 +435,17 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_pa
     assert (best["best_acc1"], best["best_epoch"], best["best_of"]) == first_best
     assert f"best {first_best[0]:.3f} ({first_best[2]})" in proc.stdout
 
-    proc = run_cli([tiny_data, *TINY, "-e", "--resume", run / "checkpoint.pth.tar", "-j", "0"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model_line, ema_line = (ln for ln in proc.stdout.splitlines() if ln.startswith(" * "))
+    code, out, err = main_in_process([tiny_data, *TINY, "-e", "--resume", run / "checkpoint.pth.tar", "-j", "0"], capsys)
+    assert code == 0, err[-3000:]
+    model_line, ema_line = (ln for ln in out.splitlines() if ln.startswith(" * "))
     assert f"Acc@1 {rows[-1]['val_acc1']:.3f}" in model_line and f"Loss {rows[-1]['val_loss']:.4f}" in model_line
     assert ema_line.startswith(" * EMA Acc@1") and f"Acc@1 {rows[-1]['val_ema_acc1']:.3f}" in ema_line
     assert f"Loss {rows[-1]['val_ema_loss']:.4f}" in ema_line
 
     out = tmp_path / "ema.pth"
-    proc = run_cli(["--resume", run / "checkpoint.pth.tar", *TINY[:2], "--save_weights", out, "--use-ema"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = main_in_process(["--resume", run / "checkpoint.pth.tar", *TINY[:2], "--save_weights", out,
+                                    "--use-ema"], capsys)
+    assert code == 0, err[-3000:]
     exported = torch.load(out, weights_only=True)
     assert exported.keys() == got["state_dict"].keys()
     for k, v in exported.items():
@@ -491,20 +505,20 @@ def test_make_table_shows_recipe_runs_apart_with_their_ema(tmp_path, capsys):
     assert "74.00 ± 1.41" in line and "94.50 ± 0.71" in line and "71.31" not in recipe_md
 
 
-def test_ddp_ranks_agree_on_the_ema(tiny_data, tmp_path):
+def test_ddp_ranks_agree_on_the_ema(tiny_data, tmp_path, capsys, one_thread):
     """A 2-process gloo run with EMA, gradient accumulation and clipping: its validation of the EMA (each rank
     half of the images, sums all-reduced) equals a single-process evaluation of the EMA rank 0 saved, so every
     rank evaluated the same average (BatchNorm statistics included)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = run_cli([tiny_data, *TINY, "-b", "4", "-j", "0", "--seed", "1", "--epochs", "1", "--ckpt", tmp_path,
+    proc = run_cli([tiny_data, *TINY, "-b", "4", "--lr", "0.01", "-j", "0", "--seed", "1", "--epochs", "1", "--ckpt", tmp_path,
                     "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.5", "--grad-accum-steps", "2",
                     "--clip-grad-norm", "1", "--norm-weight-decay", "0"], launcher=launcher, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run = tmp_path / "imagenet-resnet18-seed1"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    single = run_cli([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"])
-    assert single.returncode == 0, single.stderr[-3000:]
-    model_line, ema_line = (ln for ln in single.stdout.splitlines() if ln.startswith(" * "))
+    code, out, err = main_in_process([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"], capsys)
+    assert code == 0, err[-3000:]
+    model_line, ema_line = (ln for ln in out.splitlines() if ln.startswith(" * "))
     for line, key in ((model_line, "val"), (ema_line, "val_ema")):
         m = re.search(r"Acc@1 (\d+\.\d{3}) Acc@\d (\d+\.\d{3}) Loss (\d+\.\d+)", line)
         assert m and m.group(1) == f"{row[key + '_acc1']:.3f}" and m.group(2) == f"{row[key + '_acc5']:.3f}", line
