@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
 from utils.runs import (RECIPE_CSV_FIELDS, aggregate_seeds, coco_csv_table, coco_markdown_table,  # noqa: E402
-                        coco_run_row, csv_table, find_runs, is_coco_run, markdown_table, read_run, recipe_markdown_table,
-                        recipe_name, recipe_row, run_row, sort_rows)
+                        coco_run_row, csv_table, find_runs, is_coco_run, markdown_table, read_run,
+                        recipe_markdown_table, recipe_name, recipe_row, run_row, sort_rows)
 
 
 def main(argv=None):

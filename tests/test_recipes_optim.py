@@ -404,7 +404,8 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_pa
     assert "note: --sync-bn does nothing in a single process" in proc.stdout
     code, out, err = stop_inside_epoch_2([sys.executable, str(ROOT / "main_imagenet.py"), str(tiny_data), *TINY,
                                           *EVERYTHING, "--ckpt", str(cut)])
-    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM at epoch 2, iteration" in out, (out[-2000:], err[-2000:])
+    assert code == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
+    assert "stopped by SIGTERM at epoch 2, iteration" in out, out[-2000:]
     run, ref_run = cut / "imagenet-resnet18-seed0", done / "imagenet-resnet18-seed0"
     mid = torch.load(run / "checkpoint.pth.tar", weights_only=True)
     assert mid["epoch"] == 1 and mid["iteration"] >= 3 and mid["iteration"] % 2 == 0  # a whole accumulation group
@@ -435,7 +436,8 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_pa
     assert (best["best_acc1"], best["best_epoch"], best["best_of"]) == first_best
     assert f"best {first_best[0]:.3f} ({first_best[2]})" in proc.stdout
 
-    code, out, err = main_in_process([tiny_data, *TINY, "-e", "--resume", run / "checkpoint.pth.tar", "-j", "0"], capsys)
+    code, out, err = main_in_process([tiny_data, *TINY, "-e", "--resume", run / "checkpoint.pth.tar", "-j", "0"],
+                                     capsys)
     assert code == 0, err[-3000:]
     model_line, ema_line = (ln for ln in out.splitlines() if ln.startswith(" * "))
     assert f"Acc@1 {rows[-1]['val_acc1']:.3f}" in model_line and f"Loss {rows[-1]['val_loss']:.4f}" in model_line
@@ -475,8 +477,8 @@ def test_make_table_shows_recipe_runs_apart_with_their_ema(tmp_path, capsys):
     from test_make_table_seeds import make_table
     tv2 = "configs/imagenet/tv2/resnet50_simam.toml"
     # two seeds of a tv2 run: the model's best epoch and the EMA's best epoch differ
-    fake_recipe_run(tmp_path, "tv2-a", 0, [(70.0, 90.0, 69.0, 89.0), (72.0, 91.0, 71.0, 92.0), (71.0, 93.0, 73.0, 94.0)],
-                    config=tv2, model_ema=True, mixup_alpha=0.2)
+    fake_recipe_run(tmp_path, "tv2-a", 0,
+                    [(70.0, 90.0, 69.0, 89.0), (72.0, 91.0, 71.0, 92.0), (71.0, 93.0, 73.0, 94.0)], config=tv2, model_ema=True, mixup_alpha=0.2)
     fake_recipe_run(tmp_path, "tv2-b", 1, [(74.0, 92.0, 75.0, 95.0), (73.0, 90.0, 74.0, 90.0)],
                     config=tv2, model_ema=True, mixup_alpha=0.2)
     fake_recipe_run(tmp_path, "clip", 0, [(60.0, 80.0)], clip_grad_norm=1.0)  # a recipe flag, no EMA
@@ -510,13 +512,15 @@ def test_ddp_ranks_agree_on_the_ema(tiny_data, tmp_path, capsys, one_thread):
     half of the images, sums all-reduced) equals a single-process evaluation of the EMA rank 0 saved, so every
     rank evaluated the same average (BatchNorm statistics included)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = run_cli([tiny_data, *TINY, "-b", "4", "--lr", "0.01", "-j", "0", "--seed", "1", "--epochs", "1", "--ckpt", tmp_path,
+    proc = run_cli([tiny_data, *TINY, "-b", "4", "--lr", "0.01", "-j", "0", "--seed", "1", "--epochs", "1",
+                    "--ckpt", tmp_path,
                     "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.5", "--grad-accum-steps", "2",
                     "--clip-grad-norm", "1", "--norm-weight-decay", "0"], launcher=launcher, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run = tmp_path / "imagenet-resnet18-seed1"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    code, out, err = main_in_process([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"], capsys)
+    code, out, err = main_in_process([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"],
+                                     capsys)
     assert code == 0, err[-3000:]
     model_line, ema_line = (ln for ln in out.splitlines() if ln.startswith(" * "))
     for line, key in ((model_line, "val"), (ema_line, "val_ema")):

@@ -318,7 +318,8 @@ def recipe_markdown_table(rows):
     notes = ["Modern-recipe runs (docs/recipes.md): tv2 = configs/imagenet/tv2/ (torchvision's ResNet-50 recipe; its "
              "plain ResNet-50: 80.858 top-1), modern = other recipe flags. The paper's figures are for its own recipe: "
              "no paper column.",
-             "Top-1/Top-5: the model's best epoch; EMA: the weights' moving average's best epoch (– without --model-ema)."]
+             "Top-1/Top-5: the model's best epoch; EMA: the weights' moving average's best epoch "
+             "(– without --model-ema)."]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
