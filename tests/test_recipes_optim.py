@@ -189,6 +189,22 @@ def test_grad_accumulation_equals_the_larger_batch(one_thread, n_batches, accum)
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_scaler_path_unscales_before_clipping(one_thread):
+    """Under a GradScaler (fp16's; here on the CPU) accumulation and clipping act on the unscaled gradients:
+    the same weights as without a scaler, up to float rounding (the scale is a power of two)."""
+    data = batches(4, 4)
+    models = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)):
+        model = tiny_net(bn=False)
+        opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+        train_one_epoch(model, data, nn.CrossEntropyLoss(), opt, lambda e, i: 0.1, 0, torch.device("cpu"),
+                        print_freq=100, stepper=Stepper(opt, scaler, accum_steps=2, clip_grad_norm=0.05))
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(models[0][0].weight, tiny_net(bn=False)[0].weight)  # it trained
+
+
 def test_stops_only_between_accumulation_groups(one_thread):
     model = tiny_net(bn=False)
     opt = torch.optim.SGD(model.parameters(), 0.1)
