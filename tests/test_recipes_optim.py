@@ -290,7 +290,7 @@ def test_tv2_configs_are_torchvisions_resnet50_recipe():
                     random_erase=0.1, ra_reps=4, model_ema=True, model_ema_steps=32, model_ema_decay=0.99998,
                     train_crop_size=176, val_resize_size=232, val_crop_size=224, lr_scheduler="cosineannealinglr",
                     warmup_epochs=5, lr_warmup_method="linear", lr_warmup_decay=0.01, lr_min=0.0, cos_lr=False,
-                    clip_grad_norm=None, grad_accum_steps=1)
+                    clip_grad_norm=None, grad_accum_steps=1, ckpt="checkpoints/tv2")
         assert {k: getattr(a, k) for k in want} == want, f
         # the paper's module settings, as the paper configs have them
         paper = parse_args(get_args_parser(), ["--config", str(ROOT / "configs" / "imagenet" / f.name)])
