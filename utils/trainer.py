@@ -27,6 +27,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_
                           init_distributed)
 from .engine import NonFiniteLossError, evaluate, train_one_epoch
 from .logger import RunLogger
+from .mixing import batch_mix
 from .preempt import Preempted, StopFlags
 from .schedule import schedule_from_args
 
@@ -208,6 +209,7 @@ def _run(args, task, info, gpu_ids):
         check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
     seed = choose_seed(args, ckpt, device, info)
     seed_everything(seed)
+    mix = None if args.evaluate else batch_mix(args, len(classes), seed, info.rank)  # MixUp/CutMix, or None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = args.seed is not None
@@ -327,7 +329,8 @@ def _run(args, task, info, gpu_ids):
                 tr = task.train_one_epoch(train_model, train_loader(epoch, skip), criterion, optimizer, lr_fn, epoch,
                                           device, scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
                                           print_freq=args.print_freq, logger=logger, start_iter=skip,
-                                          sums=sums if first else None, boundary=boundary(epoch))
+                                          sums=sums if first else None, boundary=boundary(epoch),
+                                          **({"mix": mix} if mix is not None else {}))  # classifiers' loop only
             except NonFiniteLossError as e:
                 raise UserError(f"{e}; last good checkpoint kept: {last_good(run_dir)}") from None
             except ValueError as e:
