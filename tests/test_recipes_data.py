@@ -295,3 +295,20 @@ def test_runtime_refusals(tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert exc.value.code == 1 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "ck").exists()  # refused before a run folder was made
+
+
+def test_cifar_trains_with_the_data_recipe(tmp_path, capsys):
+    import main_cifar
+    from test_cifar_train import write_cifar
+    write_cifar(tmp_path / "data", "cifar10", n_train=260, n_test=20)
+    with pytest.raises(SystemExit) as exc:
+        main_cifar.main(["--dataset", "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "-b", "64",
+                         "--seed", "0", "--epochs", "1", "--ckpt", str(tmp_path / "ck"), "--test_batch_size", "20",
+                         "-p", "1", "--auto-augment", "cifar10", "--random-erase", "0.5", "--ra-reps", "2",
+                         "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"])
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert exc.value.code == 0, out[-2000:]
+    assert "Epoch: [1][3/4]" in out  # RASampler: 260 images -> 256 an epoch, 4 batches of 64
+    ck = torch.load(tmp_path / "ck" / "cifar10-resnet20-seed0" / "checkpoint.pth.tar", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
