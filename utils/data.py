@@ -368,9 +368,12 @@ class RASampler(Sampler):
 
     def draws(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        pairs = [(i, r) for i in torch.randperm(self.n, generator=g).tolist() for r in range(self.repetitions)]
-        pairs += pairs[:self.total_size - len(pairs)]
-        return pairs[self.rank:self.total_size:self.num_replicas][:self.num_selected_samples]
+        index = torch.randperm(self.n, generator=g).repeat_interleave(self.repetitions)
+        rep = torch.arange(self.repetitions).repeat(self.n)
+        pad = self.total_size - len(index)  # wrap around, as the reference: fewer than n * repetitions
+        index, rep = torch.cat([index, index[:pad]]), torch.cat([rep, rep[:pad]])
+        mine = slice(self.rank, self.total_size, self.num_replicas)
+        return list(zip(index[mine][:self.num_selected_samples].tolist(), rep[mine][:self.num_selected_samples].tolist()))
 
     def __iter__(self):
         return iter([i for i, _ in self.draws()])
