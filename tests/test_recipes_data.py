@@ -261,7 +261,8 @@ def _args(data, ckpt, *extra):
 def test_sigterm_mid_epoch_with_the_data_recipe_resumes_bit_exact(ra_data, tmp_path):
     from test_run_safety import ok, rows, run_until
     ok(run_cli(_args(ra_data, tmp_path / "ref", "-j", "0")))
-    cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in _args(ra_data, tmp_path / "cut", "-j", "2", "-p", "1")]
+    cut = _args(ra_data, tmp_path / "cut", "-j", "2", "-p", "1")
+    cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in cut]
     code, out, err = run_until(cmd, "Epoch: [1][ 3/16]", signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
     run = tmp_path / "cut" / "imagenet-resnet18-seed0"

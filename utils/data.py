@@ -373,7 +373,8 @@ class RASampler(Sampler):
         pad = self.total_size - len(index)  # wrap around, as the reference: fewer than n * repetitions
         index, rep = torch.cat([index, index[:pad]]), torch.cat([rep, rep[:pad]])
         mine = slice(self.rank, self.total_size, self.num_replicas)
-        return list(zip(index[mine][:self.num_selected_samples].tolist(), rep[mine][:self.num_selected_samples].tolist()))
+        index, rep = index[mine][:self.num_selected_samples], rep[mine][:self.num_selected_samples]
+        return list(zip(index.tolist(), rep.tolist()))
 
     def __iter__(self):
         return iter([i for i, _ in self.draws()])
@@ -416,7 +417,8 @@ class EpochLoader:
     the first k are neither loaded nor decoded (their indices are sliced off), and batches k, k+1,
     ... equal those of a full epoch bit for bit. `len(loader)` is the full number of batches.
     Training samplers are DistributedSampler (world_size 1 in a single process), validation uses
-    ShardSampler; ra_reps > 1: RASampler (repeated augmentation). Workers prefetch `prefetch_factor` batches each and persist across epochs
+    ShardSampler; ra_reps > 1: RASampler (repeated augmentation). Workers prefetch `prefetch_factor`
+    batches each and persist across epochs
     (persistent_workers=None: when the dataset's transform is seeded per sample, see sample_seed).
     """
 
