@@ -177,10 +177,13 @@ def test_ra_sampler_is_torchvisions(n, reps, world):
     assert epoch_batches(s, 8, True, 5, 4) != batches
 
 
-def test_ra_sampler_in_the_loaders(tiny_data):
-    ds = SafeImageFolder(tiny_data / "train", TrainTransform(32))
-    loader = EpochLoader(ds, 4, 0, seed=1, ra_reps=3)
-    assert isinstance(loader.sampler, RASampler) and len(loader) == len(ds) // 256 * 256 // 4
+def test_ra_sampler_in_the_loaders():
+    loader = EpochLoader(list(range(600)), 4, 0, seed=1, rank=1, world_size=2, ra_reps=3)
+    assert isinstance(loader.sampler, RASampler) and len(loader) == 512 // 2 // 4
+    loader(2, start_batch=5)  # a mid-epoch resume: the same batches, the first five sliced off
+    full = epoch_batches(RASampler(600, 2, 1, 1, 3), 4, True, 1, 2)
+    assert loader.batches.batches == full[5:] and len(full) == len(loader)
+    assert [i for b in full for i, _ in b] == _torchvision_rasampler(600, 2, 1, 1, 2, 3)[0]
     split = Split(torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (300,)))
     cifar = DeviceLoader(split, 32, seed=2, train=True, ra_reps=4, augment=SampleAugment("cifar10"))
     assert len(cifar) == 256 // 32
