@@ -20,7 +20,8 @@ from networks import ATTENTION_CHOICES, create_net, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import add_recipe_args, parse_args
-from utils.cifar import DeviceLoader, read_classes, read_split
+from utils.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, read_classes, read_split
+from utils.data import SampleAugment, augment_options
 from utils.schedule import lr_at, schedule_from_args
 from utils.trainer import Task, run
 
@@ -81,7 +82,9 @@ def make_loader(args):
         device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
         if not train:
             batch_size = math.ceil(args.test_batch_size / world_size)
-        return DeviceLoader(split, batch_size, seed, rank, world_size, train=train, device=device)
+        augment = SampleAugment(**augment_options(args), mean=CIFAR_MEAN, std=CIFAR_STD)
+        return DeviceLoader(split, batch_size, seed, rank, world_size, train=train, device=device,
+                            ra_reps=args.ra_reps, augment=augment)
     return loader
 
 

@@ -7,11 +7,15 @@
 Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
 Docs: README.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
 """
+import dataclasses
+import functools
+
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
-from utils import cli_main
+from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import add_recipe_args, parse_args
-from utils.data import BACKENDS, SafeImageFolder, check_data_root, collate_skipping, imagenet_loader, imagenet_transforms
+from utils.data import (BACKENDS, SafeImageFolder, augment_options, check_data_root, collate_skipping, imagenet_loader,
+                        imagenet_transforms)
 from utils.demo_data import ensure_demo_dataset
 from utils.trainer import Task, run
 
@@ -35,13 +39,27 @@ def data_root(args):
     return args.data
 
 
+# The recipe's data flags, which the DALI pipeline (utils/dali.py) does not implement.
+DATA_RECIPE_FLAGS = {"auto_augment": None, "random_erase": 0.0, "ra_reps": 1}
+
+
+def check_backend(args):
+    if getattr(args, "data_backend", "torch") == "dali":
+        for dest, off in DATA_RECIPE_FLAGS.items():
+            if getattr(args, dest, off) != off:
+                raise UserError(f"--{dest.replace('_', '-')} is not implemented for --data-backend dali; "
+                                f"use --data-backend torch")
+
+
 def classes(args):
+    check_backend(args)
     return check_data_root(data_root(args), need_train=not args.evaluate)
 
 
 def datasets(args, train=True):
     root = data_root(args)
-    train_tf, val_tf = imagenet_transforms(args.train_crop_size, args.val_resize_size, args.val_crop_size)
+    train_tf, val_tf = imagenet_transforms(args.train_crop_size, args.val_resize_size, args.val_crop_size,
+                                           **augment_options(args))
     backend = getattr(args, "data_backend", "torch")
     if backend == "dali":
         from utils.dali import DaliImageFolder  # optional dependency, imported only when asked for
@@ -59,8 +77,16 @@ TASK = Task(name="imagenet", archs=IMAGENET_ARCHS, attentions=ATTENTION_CHOICES,
             datasets=datasets, model=model, collate_fn=collate_skipping, loader=imagenet_loader)
 
 
+def make_task(args):
+    """TASK with the run's repeated-augmentation sampler (--ra-reps) in its training loader."""
+    return dataclasses.replace(TASK, loader=functools.partial(imagenet_loader, ra_reps=args.ra_reps))
+
+
 def main(argv=None):
-    return cli_main(lambda: run(parse_args(get_args_parser(), argv), TASK))
+    def go():
+        args = parse_args(get_args_parser(), argv)
+        return run(args, make_task(args))
+    return cli_main(go)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/benchmark_loader.py                      # 200 generated JPEGs, a few minutes on 2 cores
     python scripts/benchmark_loader.py --data /imagenet/val --images 2000 --workers 8 --repeats 5
+    python scripts/benchmark_loader.py --backends torch --auto-augment ta_wide --random-erase 0.1   # recipe cost
 
 Backends (utils/data.py, utils/dali.py):
   old    the previous path: PIL decode, RandomResizedCrop/flip or Resize/CenterCrop on PIL, ToTensor,
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
+from utils.args import AUTO_AUGMENT_POLICIES  # noqa: E402
 from utils.data import (EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms,  # noqa: E402
                         reference_transforms)
 
@@ -51,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", default="old,pil,torch,dali")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--auto-augment", choices=AUTO_AUGMENT_POLICIES, help="the pil/torch train transforms with this "
+                   "policy (main_imagenet.py's --auto-augment; `old` stays without)")
+    p.add_argument("--random-erase", type=float, default=0.0, help="... and this --random-erase probability")
     p.add_argument("--train-arch", help="also time training steps of this network (e.g. resnet18) fed by each "
                    "backend's -j N loader vs by one synthetic batch already on the device")
     p.add_argument("--device", default="cpu", help="for --train-arch: cpu or cuda (DALI then decodes on the GPU)")
@@ -84,8 +89,9 @@ def subset(ds, n):
     return ds
 
 
-def make_loader(backend, root, n, train, batch, workers, seed, device="cpu"):
-    train_tf, val_tf = (reference_transforms if backend == "old" else imagenet_transforms)()
+def make_loader(backend, root, n, train, batch, workers, seed, device="cpu", augment=None):
+    """augment: the recipe's options of the pil/torch train transform (utils.data.SampleAugment)."""
+    train_tf, val_tf = reference_transforms() if backend == "old" else imagenet_transforms(**(augment or {}))
     tf = train_tf if train else val_tf
     if backend == "dali":
         from utils.dali import DaliImageFolder, DaliLoader
@@ -95,6 +101,10 @@ def make_loader(backend, root, n, train, batch, workers, seed, device="cpu"):
     # Persistent workers for `old` too: the measure is the steady state, not worker start-up.
     return EpochLoader(ds, batch, workers, seed, train=train, collate_fn=collate_skipping, persistent_workers=True,
                        pin_memory=torch.device(device).type == "cuda")
+
+
+def recipe(args):
+    return {"auto_augment": args.auto_augment, "random_erase": args.random_erase}
 
 
 def measure(loader, epoch, cpu):
@@ -123,6 +133,9 @@ def main(argv=None):
             except ImportError:
                 print("dali: not installed, skipped (pip install -r requirements-dali.txt)")
                 backends.remove("dali")
+        if (args.auto_augment or args.random_erase) and "dali" in backends:
+            print("dali: skipped (main_imagenet.py refuses the recipe's augmentations with --data-backend dali)")
+            backends.remove("dali")
         unknown = set(backends) - {"old", "pil", "torch", "dali"}
         if unknown:
             raise UserError(f"unknown backend(s): {', '.join(sorted(unknown))}")
@@ -160,7 +173,8 @@ def report(args, root, backends):
           f"{args.repeats} interleaved repeats")
 
     modes = [("per core", 0)] + ([(f"-j {args.workers}", args.workers)] if args.workers else [])
-    loaders = {(b, split, m): make_loader(b, root, args.images, split == "train", args.batch, w, args.seed)
+    loaders = {(b, split, m): make_loader(b, root, args.images, split == "train", args.batch, w, args.seed,
+                                             augment=recipe(args))
                for b in backends for split in ("train", "val") for m, w in modes}
     results = {k: [] for k in loaders}
     for r in range(args.repeats + 1):  # repeat 0 warms up (workers start, files in the page cache)
@@ -230,7 +244,7 @@ def train_speed(args, root, backends):
     for b in backends:
         if b != "old":
             feeds[f"{b} -j {args.workers}"] = lambda b=b: batches(make_loader(
-                b, root, args.images, True, args.batch, args.workers, args.seed, device))
+                b, root, args.images, True, args.batch, args.workers, args.seed, device, recipe(args)))
     print(f"\n{args.train_arch} training on {device} (batch {args.batch}, amp {args.amp}, "
           f"channels_last {args.channels_last}, {args.steps} steps):")
     print("| input | images/s | ms/step |\n|---|---|---|")

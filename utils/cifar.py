@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import UserError
-from .data import worker_seed
+from .data import RASampler, sample_seed, worker_seed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the reference's values (as in its main_cifar.py)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -259,10 +259,15 @@ class DeviceLoader:
     (disjoint, equal shares of floor(N / w)), in batches of batch_size; a last batch of one image
     is dropped (BatchNorm). eval: the contiguous shard [r*N//w, (r+1)*N//w) in order, unaugmented,
     so over all ranks every image is counted exactly once.
+
+    Recipe options (train only). ra_reps > 1: the order is utils.data.RASampler's (repeated
+    augmentation), and copy r of image i is augmented as "image" i + r * N. augment: a
+    utils.data.SampleAugment (--auto-augment, --random-erase) applied after the crop and flip to each
+    image on the CPU, seeded by sample_seed(seed, epoch, key) (per sample: slower than the batched path).
     """
 
     def __init__(self, split, batch_size, seed, rank=0, world_size=1, train=True, device="cpu",
-                 mean=CIFAR_MEAN, std=CIFAR_STD, pad=4):
+                 mean=CIFAR_MEAN, std=CIFAR_STD, pad=4, ra_reps=1, augment=None):
         device = torch.device(device)
         self.images, self.labels = split.images.to(device), split.labels.to(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
@@ -271,6 +276,10 @@ class DeviceLoader:
         self.train, self.pad, self.device = train, pad, device
         n = len(split)
         self.count = n // world_size if train else (rank + 1) * n // world_size - rank * n // world_size
+        self.ra = RASampler(n, world_size, rank, seed, ra_reps) if train and ra_reps > 1 else None
+        if self.ra is not None:
+            self.count = len(self.ra)
+        self.augment = augment if train and augment else None
         self.epoch = 0
 
     def __call__(self, epoch=0, start_batch=0):
@@ -284,10 +293,18 @@ class DeviceLoader:
 
     def indices(self, epoch=None):
         """This rank's image indices for `epoch`, in the order they are served."""
+        return self.keys(epoch) % len(self.labels)
+
+    def keys(self, epoch=None):
+        """indices(), with repetition r of image i (ra_reps) as i + r * N: what its augmentation is drawn for."""
         n = len(self.labels)
+        epoch = self.epoch if epoch is None else epoch
         if not self.train:
             return torch.arange(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
-        order = epoch_draws(n, self.seed, self.epoch if epoch is None else epoch, self.pad)[0]
+        if self.ra is not None:
+            self.ra.set_epoch(epoch)
+            return torch.tensor([i + r * n for i, r in self.ra.draws()], dtype=torch.int64)
+        order = epoch_draws(n, self.seed, epoch, self.pad)[0]
         return order[self.rank::self.world_size][:self.count]
 
     def __iter__(self):
@@ -296,13 +313,19 @@ class DeviceLoader:
     def batches(self, start=0, epoch=None):
         epoch = self.epoch if epoch is None else epoch
         n = len(self.labels)
-        idx = self.indices(epoch).to(self.device)
-        if self.train:
-            _, offsets, flips = epoch_draws(n, self.seed, epoch, self.pad)
+        keys = self.keys(epoch).to(self.device)
+        if self.train:  # drawn for every key: copies of an image (ra_reps) get their own crops and flips
+            _, offsets, flips = epoch_draws(n * (self.ra.repetitions if self.ra else 1), self.seed, epoch, self.pad)
             offsets, flips = offsets.to(self.device), flips.to(self.device)
         for k in range(start, len(self)):
-            i = idx[k * self.batch_size:(k + 1) * self.batch_size]
+            key = keys[k * self.batch_size:(k + 1) * self.batch_size]
+            i = key % n
             x = self.images[i]
             if self.train:
-                x = random_crop_flip(x, offsets[i], flips[i], self.pad)
-            yield normalize(x, self.mean, self.std), self.labels[i]
+                x = random_crop_flip(x, offsets[key], flips[key], self.pad)
+            if self.augment is not None:
+                x = torch.stack([self.augment(img, sample_seed(self.seed, epoch, kk))
+                                 for img, kk in zip(x.cpu(), key.tolist())]).to(self.device)
+            if x.dtype == torch.uint8:
+                x = normalize(x, self.mean, self.std)
+            yield x, self.labels[i]

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchvision import datasets, transforms
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from . import UserError
@@ -102,13 +103,61 @@ def _as_uint8_tensor(img):
     return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 
 
+def auto_augment_policy(name, ra_magnitude=9, augmix_severity=3):
+    """torchvision.transforms.v2's policy for --auto-augment NAME (None: none), bilinear as the
+    classification reference's default --interpolation."""
+    if name is None:
+        return None
+    bilinear = v2.InterpolationMode.BILINEAR
+    if name == "ta_wide":
+        return v2.TrivialAugmentWide(interpolation=bilinear)
+    if name == "ra":
+        return v2.RandAugment(interpolation=bilinear, magnitude=ra_magnitude)
+    if name == "augmix":
+        return v2.AugMix(interpolation=bilinear, severity=augmix_severity)
+    return v2.AutoAugment(v2.AutoAugmentPolicy(name), interpolation=bilinear)  # imagenet, cifar10
+
+
+class SampleAugment:
+    """The recipe's per-sample augmentations after the crop and flip, where torchvision's classification
+    reference has them: the --auto-augment policy on the uint8 image, then (--random-erase P)
+    v2.RandomErasing(P, value=0) on the normalized float image. Returns uint8 CHW without erasing,
+    the normalized float32 image with it (normalize_uint8's float operations, so the pixels it does not
+    erase are those the device would compute).
+
+    v2's transforms draw from torch's global CPU generator: it is seeded from the sample's seed inside
+    fork_rng, so the draws are a pure function of (seed, epoch, index) and nothing else's RNG moves.
+    """
+
+    def __init__(self, auto_augment=None, random_erase=0.0, ra_magnitude=9, augmix_severity=3,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.policy = auto_augment_policy(auto_augment, ra_magnitude, augmix_severity)
+        self.erase = v2.RandomErasing(p=random_erase, value=0) if random_erase > 0 else None
+        self.mean, self.std = mean, std
+
+    def __bool__(self):
+        return self.policy is not None or self.erase is not None
+
+    def __call__(self, img, seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(_splitmix64(seed) >> 1)  # a stream apart from rrc_params' one
+            if self.policy is not None:
+                img = self.policy(img)
+            if self.erase is not None:
+                img = self.erase(normalize_uint8(img[None], mean=self.mean, std=self.std)[0])
+        return img
+
+
 class TrainTransform:
     """RandomResizedCrop + horizontal flip on a uint8 tensor (or PIL image) -> uint8 CHW tensor,
-    every draw from sample_seed(...). `seeded` tells SafeImageFolder to pass the seed."""
+    every draw from sample_seed(...). `seeded` tells SafeImageFolder to pass the seed.
+    Recipe options (auto_augment, random_erase, ...): SampleAugment after the flip; with
+    random_erase > 0 the result is the normalized float32 image (see SampleAugment)."""
     seeded = True
 
-    def __init__(self, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), **augment):
         self.size, self.scale, self.ratio = size, scale, ratio
+        self.augment = SampleAugment(**augment)
 
     def params(self, height, width, seed):
         """((top, left, h, w), flip) for an image of that size: shared with the DALI backend."""
@@ -121,7 +170,10 @@ class TrainTransform:
         img = F.resized_crop(img, top, left, ch, cw, [self.size, self.size], antialias=True)
         if flip:
             img = F.horizontal_flip(img)
-        return _as_uint8_tensor(img).contiguous()
+        img = _as_uint8_tensor(img)
+        if self.augment:
+            img = self.augment(img, seed)
+        return img.contiguous()
 
 
 class ValTransform:
@@ -136,9 +188,16 @@ class ValTransform:
         return _as_uint8_tensor(F.center_crop(img, [self.crop_size, self.crop_size])).contiguous()
 
 
-def imagenet_transforms(train_crop_size=224, val_resize_size=256, val_crop_size=224):
-    """(train, val) transforms of the uint8 pipeline; they take a PIL image or a uint8 tensor."""
-    return TrainTransform(train_crop_size), ValTransform(val_resize_size, val_crop_size)
+def imagenet_transforms(train_crop_size=224, val_resize_size=256, val_crop_size=224, **augment):
+    """(train, val) transforms of the uint8 pipeline; they take a PIL image or a uint8 tensor.
+    `augment`: the recipe's SampleAugment options (auto_augment, random_erase, ...) of the train one."""
+    return TrainTransform(train_crop_size, **augment), ValTransform(val_resize_size, val_crop_size)
+
+
+def augment_options(args):
+    """The recipe's SampleAugment options from the parsed flags (utils.args.add_recipe_args)."""
+    return {"auto_augment": args.auto_augment, "random_erase": args.random_erase,
+            "ra_magnitude": args.ra_magnitude, "augmix_severity": args.augmix_severity}
 
 
 def reference_transforms(train_crop_size=224, val_resize_size=256, val_crop_size=224):
@@ -287,13 +346,54 @@ def worker_seed(seed, epoch, rank):
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63)
 
 
+class RASampler(Sampler):
+    """Repeated augmentation, as torchvision's classification reference's RASampler (from DeiT): the
+    epoch's permutation of range(n) (torch.randperm seeded with seed + epoch), each index repeated
+    `repetitions` times in a row, padded by wrapping to a multiple of num_replicas, rank r taking every
+    num_replicas-th entry from r, cut to floor(n // 256 * 256 / num_replicas) entries (so an epoch has
+    about n images, not n * repetitions). Consecutive copies of an image go to different ranks.
+
+    draws() gives this rank's (index, repetition) pairs: epoch_batches seeds each copy on its own, so the
+    copies of an image get different augmentations.
+    """
+
+    def __init__(self, n, num_replicas=1, rank=0, seed=0, repetitions=3):
+        self.n, self.num_replicas, self.rank, self.seed, self.repetitions = n, num_replicas, rank, seed, repetitions
+        self.total_size = math.ceil(n * repetitions / num_replicas) * num_replicas
+        self.num_selected_samples = math.floor(n // 256 * 256 / num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def draws(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        index = torch.randperm(self.n, generator=g).repeat_interleave(self.repetitions)
+        rep = torch.arange(self.repetitions).repeat(self.n)
+        pad = self.total_size - len(index)  # wrap around, as the reference: fewer than n * repetitions
+        index, rep = torch.cat([index, index[:pad]]), torch.cat([rep, rep[:pad]])
+        mine = slice(self.rank, self.total_size, self.num_replicas)
+        index, rep = index[mine][:self.num_selected_samples], rep[mine][:self.num_selected_samples]
+        return list(zip(index.tolist(), rep.tolist()))
+
+    def __iter__(self):
+        return iter([i for i, _ in self.draws()])
+
+    def __len__(self):
+        return self.num_selected_samples
+
+
 def epoch_batches(sampler, batch_size, drop_last, seed, epoch):
-    """The epoch's batches as lists of (index, sample_seed(seed, epoch, index))."""
-    if isinstance(sampler, DistributedSampler):
+    """The epoch's batches as lists of (index, sample_seed(seed, epoch, key)); key is the index, or
+    for a RASampler's repetition r of index i, i + r * n (copy 0 is augmented as without repetition)."""
+    if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    idx = list(sampler)
-    stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
-    return [[(i, sample_seed(seed, epoch, i)) for i in idx[b:b + batch_size]] for b in range(0, stop, batch_size)]
+    if isinstance(sampler, RASampler):
+        keyed = [(i, i + r * sampler.n) for i, r in sampler.draws()]
+    else:
+        keyed = [(i, i) for i in sampler]
+    stop = len(keyed) - len(keyed) % batch_size if drop_last else len(keyed)
+    return [[(i, sample_seed(seed, epoch, k)) for i, k in keyed[b:b + batch_size]] for b in range(0, stop, batch_size)]
 
 
 class _Batches(Sampler):
@@ -317,13 +417,16 @@ class EpochLoader:
     the first k are neither loaded nor decoded (their indices are sliced off), and batches k, k+1,
     ... equal those of a full epoch bit for bit. `len(loader)` is the full number of batches.
     Training samplers are DistributedSampler (world_size 1 in a single process), validation uses
-    ShardSampler. Workers prefetch `prefetch_factor` batches each and persist across epochs
+    ShardSampler; ra_reps > 1: RASampler (repeated augmentation). Workers prefetch `prefetch_factor`
+    batches each and persist across epochs
     (persistent_workers=None: when the dataset's transform is seeded per sample, see sample_seed).
     """
 
     def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
-                 pin_memory=False, collate_fn=None, prefetch_factor=4, persistent_workers=None):
-        if train:
+                 pin_memory=False, collate_fn=None, prefetch_factor=4, persistent_workers=None, ra_reps=1):
+        if train and ra_reps > 1:
+            self.sampler = RASampler(len(dataset), world_size, rank, seed, ra_reps)
+        elif train:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                               shuffle=True, seed=seed, drop_last=False)
         else:
@@ -353,12 +456,13 @@ class EpochLoader:
 
 
 def imagenet_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
-                    pin_memory=False, collate_fn=None):
-    """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets."""
+                    pin_memory=False, collate_fn=None, ra_reps=1):
+    """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets
+    (which main_imagenet.py does not give the recipe's data flags: it refuses them)."""
     if getattr(dataset, "backend", None) == "dali":
         from .dali import DaliLoader
         # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
         device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
         return DaliLoader(dataset, batch_size, workers, seed, rank, world_size, train=train, device=device)
     return EpochLoader(dataset, batch_size, workers, seed, rank, world_size, train=train,
-                       pin_memory=pin_memory, collate_fn=collate_fn)
+                       pin_memory=pin_memory, collate_fn=collate_fn, ra_reps=ra_reps)

@@ -64,6 +64,8 @@ def _unpack(batch, device, channels_last, amp_dtype=None):
 
 
 def _topk_correct(output, target, ks):
+    if target.dim() > 1:  # probability targets (MixUp/CutMix): their argmax, as torchvision's utils.accuracy
+        target = target.argmax(dim=1)
     pred = output.topk(max(ks), dim=1).indices
     hit = pred.eq(target[:, None])
     return [hit[:, :k].any(dim=1).sum() for k in ks]
@@ -160,9 +162,10 @@ def progress_line(logger, bar, line, postfix):
 
 def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *, scaler=None,
                     amp_dtype=None, channels_last=False, print_freq=10, logger=None,
-                    start_iter=0, sums=None, boundary=None, stepper=None):
+                    start_iter=0, sums=None, boundary=None, stepper=None, mix=None):
     """One pass over `loader`; sets the lr from lr_fn(epoch, step) before every optimizer step.
     stepper: a Stepper (gradient accumulation, clipping, EMA); default Stepper(optimizer, scaler).
+    mix: utils.mixing.BatchMix (MixUp/CutMix of each device batch), or None.
 
     Mid-epoch resume: `loader` yields the epoch's batches from `start_iter` on, and `sums` are the
     running sums an interrupted call returned. `boundary(done, get_sums)` is called after every step
@@ -192,6 +195,8 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
     lr = lr_fn(epoch, step.index(start_iter))
     for it, batch in enumerate(loader, start=start_iter):
         images, target, bad = _unpack(batch, device, channels_last, amp_dtype)
+        if mix is not None:
+            images, target = mix(images, target, epoch, it)
         skipped += bad
         lr = lr_fn(epoch, step.index(it))
         for group in optimizer.param_groups:

@@ -27,6 +27,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_
                           init_distributed)
 from .engine import NonFiniteLossError, Stepper, evaluate, train_one_epoch
 from .logger import RunLogger
+from .mixing import batch_mix
 from .optim import ExponentialMovingAverage, make_ema, make_optimizer
 from .preempt import Preempted, StopFlags
 from .schedule import schedule_from_args
@@ -218,6 +219,7 @@ def _run(args, task, info, gpu_ids):
         check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
     seed = choose_seed(args, ckpt, device, info)
     seed_everything(seed)
+    mix = None if args.evaluate else batch_mix(args, len(classes), seed, info.rank)  # MixUp/CutMix, or None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = args.seed is not None
@@ -292,7 +294,8 @@ def _run(args, task, info, gpu_ids):
     stepper = Stepper(optimizer, scaler, accum, getattr(args, "clip_grad_norm", None), ema,
                       getattr(args, "model_ema_steps", 1), args.warmup_epochs)
     lr_fn = task.schedule(args, stepper.steps(len(train_loader)))  # the schedule counts optimizer steps
-    step_kwargs = {"stepper": stepper} if hasattr(args, "grad_accum_steps") else {}  # main_coco's loop: its own
+    # The classifiers' loop takes the recipe's stepper and MixUp/CutMix; main_coco's loop has its own.
+    step_kwargs = {"stepper": stepper, "mix": mix} if hasattr(args, "grad_accum_steps") else {}
 
     start_epoch, start_iter, sums, best_acc1, best_epoch, best_of, rows = 0, 0, None, 0.0, None, None, []
     if ckpt is not None:
