@@ -62,6 +62,12 @@ def tiny_data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("tiny") / "data")
 
 
+@pytest.fixture(scope="session")
+def recipe_data(tmp_path_factory):
+    """258 training images: --ra-reps (torchvision's RASampler) keeps 256 an epoch; -b 16 gives 16 steps."""
+    return make_tiny_data(tmp_path_factory.mktemp("recipes") / "data", train_per_class=86, val_per_class=2)
+
+
 def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py"):
     """Run `python SCRIPT ARGS` (or `torchrun ... SCRIPT ARGS`); returns CompletedProcess."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / script)] + [str(a) for a in args]

@@ -1,10 +1,9 @@
 """Issue 18, data side: the recipe's augmentations (--auto-augment, --random-erase), repeated augmentation
 (--ra-reps) and MixUp/CutMix (--mixup-alpha, --cutmix-alpha) against torchvision's definitions; every draw a
-pure function of (seed, epoch, index); the defaults give exactly the pipeline they gave before."""
+pure function of (seed, epoch, index); the defaults give exactly the pipeline they gave before. A run with every
+recipe flag on, stopped by SIGTERM and resumed, is tested in test_recipes_optim.py."""
 import math
 import random
-import signal
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from conftest import ROOT, TINY, assert_same_weights, make_tiny_data, run_cli
+from conftest import TINY, make_tiny_data
 from utils.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, normalize, random_crop_flip
 from utils.data import (EpochLoader, RASampler, SafeImageFolder, SampleAugment, TrainTransform, _splitmix64,
                         auto_augment_policy, collate_skipping, epoch_batches, normalize_uint8, rrc_params,
@@ -246,40 +245,6 @@ def test_label_smoothing_with_probability_targets_and_train_accuracy():
 
 
 # ---- end to end ----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ra_data(tmp_path_factory):
-    # 258 images: RASampler keeps 256 an epoch; -b 16 gives 16 steps.
-    return make_tiny_data(tmp_path_factory.mktemp("recipes") / "data", train_per_class=86, val_per_class=2)
-
-
-RECIPE = ["--auto-augment", "ta_wide", "--random-erase", "0.25", "--ra-reps", "3", "--mixup-alpha", "0.2",
-          "--cutmix-alpha", "1.0", "--label-smoothing", "0.1"]
-
-
-def _args(data, ckpt, *extra):
-    return [data, *TINY, "-b", "16", "--lr", "0.01", "--seed", "0", "--epochs", "1", "--ckpt", ckpt, *RECIPE, *extra]
-
-
-def test_sigterm_mid_epoch_with_the_data_recipe_resumes_bit_exact(ra_data, tmp_path):
-    from test_run_safety import ok, rows, run_until
-    ok(run_cli(_args(ra_data, tmp_path / "ref", "-j", "0")))
-    cut = _args(ra_data, tmp_path / "cut", "-j", "2", "-p", "1")
-    cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in cut]
-    code, out, err = run_until(cmd, "Epoch: [1][ 3/16]", signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
-    run = tmp_path / "cut" / "imagenet-resnet18-seed0"
-    ck = torch.load(run / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-    assert ck["epoch"] == 0 and 3 <= ck["iteration"] < 16
-    ok(run_cli(_args(ra_data, tmp_path / "cut", "-j", "2", "--resume", run / "checkpoint.pth.tar")))
-    ref_run = tmp_path / "ref" / "imagenet-resnet18-seed0"
-    ref = torch.load(ref_run / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-    got = torch.load(run / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-    assert got["epoch"] == 1 and got["iteration"] == 0
-    assert_same_weights(ref, got, momentum=True)
-    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1"):
-        assert [r[key] for r in rows(run)] == [r[key] for r in rows(ref_run)], key
-
 
 def test_runtime_refusals(tmp_path, capsys):
     import main_imagenet

@@ -387,7 +387,7 @@ EVERYTHING = ["--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--label-smoothin
               "--random-erase", "0.1", "--ra-reps", "2", "--model-ema", "--model-ema-steps", "1",
               "--model-ema-decay", "0.9", "--norm-weight-decay", "0", "--bias-weight-decay", "0",
               "--clip-grad-norm", "1", "--grad-accum-steps", "2", "--warmup-epochs", "1", "--lr-warmup-decay", "0.1",
-              "--sync-bn", "-j", "2", "-p", "1", "-b", "2", "--lr", "0.02", "--seed", "0", "--epochs", "2"]
+              "--sync-bn", "-j", "2", "-p", "1", "-b", "16", "--lr", "0.02", "--seed", "0", "--epochs", "2"]
 
 
 def stop_inside_epoch_2(cmd, sig=signal.SIGTERM, timeout=300):
@@ -410,12 +410,13 @@ def stop_inside_epoch_2(cmd, sig=signal.SIGTERM, timeout=300):
     return proc.returncode, "".join(lines) + out, err
 
 
-def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(tiny_data, tmp_path, capsys, one_thread):
-    """Issue 18's every flag at once (the data side's too), -j 2: a SIGTERM inside epoch 2 and a resume end
-    with the uninterrupted run's weights, momentum, EMA and metrics. Then the EMA's reporting: the epoch
+def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(recipe_data, tmp_path, capsys, one_thread):
+    """Issue 18's every flag at once (the data side's too): a run with -j 0, and one with -j 2 stopped by a
+    SIGTERM inside epoch 2 and resumed, end with the same weights, momentum, EMA and metrics. Then the EMA's reporting: the epoch
     line and metrics.jsonl show both, model_best says which won, -e evaluates both, --use-ema exports it."""
     done, cut = tmp_path / "done", tmp_path / "cut"
-    proc = run_cli([tiny_data, *TINY, *EVERYTHING, "--ckpt", done], timeout=300)
+    tiny_data = recipe_data
+    proc = run_cli([tiny_data, *TINY, *EVERYTHING, "-j", "0", "--ckpt", done], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "note: --sync-bn does nothing in a single process" in proc.stdout
     code, out, err = stop_inside_epoch_2([sys.executable, str(ROOT / "main_imagenet.py"), str(tiny_data), *TINY,
