@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
 from utils.runs import (aggregate_seeds, coco_csv_table, coco_markdown_table, coco_run_row, csv_table,  # noqa: E402
-                        find_runs, is_coco_run, markdown_table, run_row, sort_rows)
+                        find_runs, is_coco_run, markdown_table, read_each, run_row, sort_rows)
 
 
 def main(argv=None):
@@ -33,9 +33,10 @@ def main(argv=None):
     p.add_argument("--per-seed", action="store_true", help="one row per run instead of mean +- std over seeds")
     args = p.parse_args(argv)
     try:
-        runs = find_runs(args.runs)
-        coco = [coco_run_row(r) for r in runs if is_coco_run(r)]
-        rows = [run_row(r) for r in runs if not is_coco_run(r)]
+        # A run whose files are unreadable (a torn args.json) is named on stderr and left out.
+        read = read_each(find_runs(args.runs), lambda r: (True, coco_run_row(r)) if is_coco_run(r) else (False, run_row(r)))
+        coco = [row for is_coco, row in read if is_coco]
+        rows = [row for is_coco, row in read if not is_coco]
         rows = sort_rows(rows if args.per_seed else aggregate_seeds(rows))
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")

@@ -99,10 +99,12 @@ def deferred_signals():
 
 
 def ignore_stop_signals_in_worker(_worker_id=None):
-    """DataLoader workers: SLURM signals every process of the job, and a worker that died of it would
-    take the batches the main process still needs (and torch's SIGCHLD handler would raise in the
-    middle of the save). The main process ends its workers itself (`end_workers_at_exit`)."""
-    for s in STOP_SIGNALS:
+    """DataLoader workers: SLURM signals every process of the job, and a terminal's Ctrl-C every process
+    of its foreground group; a worker that died of it would take the batches the main process still
+    needs (torch's SIGCHLD handler would raise in the middle of the save) or print its own traceback
+    (BrokenPipe, EOFError) under the main process's one line. The main process alone decides: it
+    saves and stops, and ends its workers itself (`end_workers_at_exit`)."""
+    for s in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
 
