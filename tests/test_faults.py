@@ -82,7 +82,7 @@ def signal_group(cmd, marker, sigs, gap=0.05, timeout=240):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert sent, "".join(lines)[-3000:] + proc.stderr.read() if proc.stderr else ""
+    assert sent, ("".join(lines) + out)[-3000:] + err[-3000:]
     return proc.returncode, "".join(lines) + out, err
 
 
@@ -93,7 +93,7 @@ def test_sigterm_to_the_group_with_coco_loader_workers_saves_and_resumes(tmp_pat
     from utils.coco import make_coco_demo
     coco = make_coco_demo(tmp_path / "data", train_images=8, val_images=2)
     flags = [*COCO_TINY, "-b", "2", "-j", "2", "--seed", "0", "--epochs", "1", "--ckpt", tmp_path / "ck", *MODEL_KW]
-    cmd = [sys.executable, ROOT / "main_coco.py", coco, "-p", "1", *flags]
+    cmd = [sys.executable, ROOT / "main_coco.py", coco, *flags, "-p", "1"]
     code, out, err = signal_group(cmd, "Epoch: [1][1/", [signal.SIGTERM])
     assert code == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "stopped by SIGTERM at epoch 1, iteration" in out, err[-3000:]

@@ -226,8 +226,9 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="1", WORKERS="0",
                PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "my runs ü"  # a path with a space and a non-ASCII letter, whole through every step
     cmd = ["bash", str(ROOT / "scripts" / "slurm_train.sh"), "none", str(data), *TINY[:-2], "-p", "1", "-b", "2",
-           "--lr", "0.01", "--seed", "0", "--epochs", "2", "--ckpt", str(tmp_path)]
+           "--lr", "0.01", "--seed", "0", "--epochs", "2", "--ckpt", str(ckpt)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -240,7 +241,8 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert "SIGUSR1: asking the run to save" in out and "stopped by SIGTERM at epoch 2, iteration" in out, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    run = tmp_path / RUN
+    run = ckpt / RUN
+    assert f"new run in {run}\n" in out
     assert load(run / "checkpoint.pth.tar")["iteration"] >= 3
 
     # The requeued job: the same command, which now resumes.

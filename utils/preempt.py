@@ -106,6 +106,17 @@ def ignore_stop_signals_in_worker(_worker_id=None):
     saves and stops, and ends its workers itself (`end_workers_at_exit`)."""
     for s in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
+    threading.excepthook = _quiet_when_the_main_process_hangs_up
+
+
+def _quiet_when_the_main_process_hangs_up(args):
+    """A worker's threads (multiprocessing's resource sharer, which hands batch tensors to the main
+    process) meet a closed connection when the main process stops in the middle of a hand-over, e.g.
+    on Ctrl-C: not worth a traceback under its one line. Were the main process still running, it
+    would report the failed hand-over itself."""
+    if issubclass(args.exc_type, (ConnectionError, EOFError)):
+        return
+    threading.__excepthook__(args)
 
 
 _reaper = []
