@@ -242,11 +242,10 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
     assert "SIGUSR1: asking the run to save" in out and "stopped by SIGTERM at epoch 2, iteration" in out, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     run = ckpt / RUN
-    assert f"new run in {run}\n" in out
     assert load(run / "checkpoint.pth.tar")["iteration"] >= 3
 
     # The requeued job: the same command, which now resumes.
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    assert again.returncode == 0 and f"resuming from {run / 'checkpoint.pth.tar'}\n" in again.stdout, again.stderr[-3000:]
     assert_same_weights(load(finished / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"))
     assert [r["epoch"] for r in rows(run)] == [1, 2]

@@ -95,7 +95,12 @@ def deferred_signals():
         for s, old in previous.items():
             signal.signal(s, old)
         for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+            # A Python handler is called here, so its KeyboardInterrupt is raised at this line: a
+            # re-raised signal's handler may run later inside a finalizer, whose exception is dropped.
+            if callable(previous[s]):
+                previous[s](s, None)
+            else:
+                signal.raise_signal(s)
 
 
 def ignore_stop_signals_in_worker(_worker_id=None):
