@@ -199,4 +199,4 @@ def repair(run_dir, ckpt, own, log):
         best = peek(run_dir / BEST) if (run_dir / BEST).is_file() else None
         if best is None or progress(best)[0] != best_epoch:
             copy_atomic(run_dir / CHECKPOINT, run_dir / BEST)
-            log(f"{BEST} was behind the checkpoint (a kill between the two writes): copied epoch {done}")
+            log(f"{BEST} was behind the checkpoint (a kill or a full disk between the two writes): copied epoch {done}")
