@@ -12,7 +12,7 @@ if [ $# -lt 1 ] || [ -z "${1// /}" ]; then
     echo "usage: $0 \"SEED [SEED...]\" [main_cifar.py flags, without --seed]" >&2
     exit 2
 fi
-seeds=$1
+seeds=$(printf '%s\n' $1 | awk '!seen[$0]++' | tr '\n' ' ')  # a seed given twice is one run
 shift
 for a in "$@"; do
     if [ "$a" = "--seed" ] || [[ "$a" == --seed=* ]]; then
@@ -25,16 +25,22 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
-read -r -a launch <<< "${LAUNCH:-$PYTHON}"
+if [ -n "${LAUNCH:-}" ]; then read -r -a launch <<< "$LAUNCH"; else launch=("$PYTHON"); fi  # PYTHON may hold spaces
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 results=()
+declare -A seen  # run folders: two spellings of one seed (0, 00) are one run, counted once
 for s in $seeds; do
     echo "=== seed $s ==="
     "${launch[@]}" "$root/main_cifar.py" "$@" --seed "$s" | tee "$log"
     # the trainer's last line: "done: best Acc@1 X; run folder: DIR"
     best=$(sed -n 's/^done: best Acc@1 \([0-9.]*\);.*/\1/p' "$log" | tail -n 1)
+    run=$(sed -n 's/^done: best Acc@1 [0-9.]*; run folder: \(.*\)$/\1/p' "$log" | tail -n 1)
+    if [ -n "$run" ]; then
+        [ -z "${seen[$run]:-}" ] || continue
+        seen[$run]=1
+    fi
     results+=("$s ${best:-?}")
 done
 

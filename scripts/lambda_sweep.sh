@@ -32,13 +32,15 @@ for a in "$@"; do
             exit 2 ;;
     esac
 done
-lambdas=${LAMBDAS:-"1e-1 1e-2 1e-3 1e-4 1e-5 1e-6"}
+# A value given twice is one run (the plot and table count each run folder once, too).
+lambdas=$(printf '%s\n' ${LAMBDAS:-1e-1 1e-2 1e-3 1e-4 1e-5 1e-6} | awk '!seen[$0]++' | tr '\n' ' ')
+seeds=$(printf '%s\n' $seeds | awk '!seen[$0]++' | tr '\n' ' ')
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
-read -r -a launch <<< "${LAUNCH:-$PYTHON}"
+if [ -n "${LAUNCH:-}" ]; then read -r -a launch <<< "$LAUNCH"; else launch=("$PYTHON"); fi  # PYTHON may hold spaces
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -46,7 +48,7 @@ runs=()
 for lam in $lambdas; do
     for s in $seeds; do
         echo "=== lambda $lam, seed $s ==="
-        "${launch[@]}" "$root/$trainer" "$@" --attention_type simam --attention_param "$lam" --seed "$s" | tee "$log"
+        "${launch[@]}" "$root/$trainer" "$@" --attention_type simam --attention_param="$lam" --seed="$s" | tee "$log"
         # the trainer's last line: "done: best Acc@1 X; run folder: DIR"
         run=$(sed -n 's/^done: best Acc@1 [0-9.]*; run folder: \(.*\)$/\1/p' "$log" | tail -n 1)
         if [ -z "$run" ]; then

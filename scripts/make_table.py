@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
 from utils.runs import (RECIPE_CSV_FIELDS, aggregate_seeds, coco_csv_table, coco_markdown_table,  # noqa: E402
-                        coco_run_row, csv_table, find_runs, is_coco_run, markdown_table, read_run,
+                        coco_run_row, csv_table, find_runs, is_coco_run, markdown_table, read_args, read_each,
                         recipe_markdown_table, recipe_name, recipe_row, run_row, sort_rows)
 
 
@@ -38,13 +38,14 @@ def main(argv=None):
     p.add_argument("--per-seed", action="store_true", help="one row per run instead of mean +- std over seeds")
     args = p.parse_args(argv)
     try:
-        runs = find_runs(args.runs)
-        coco = [coco_run_row(r) for r in runs if is_coco_run(r)]
-        classifiers = [r for r in runs if not is_coco_run(r)]
-        modern = [r for r in classifiers if recipe_name(read_run(r)["args"])]
-        rows = [run_row(r) for r in classifiers if r not in modern]
+        # A run whose files are unreadable (a torn args.json) is named on stderr and left out.
+        def kind_and_row(run):
+            if is_coco_run(run):
+                return "coco", coco_run_row(run)
+            return ("recipe", recipe_row(run)) if recipe_name(read_args(run)) else ("paper", run_row(run))
+        read = read_each(find_runs(args.runs), kind_and_row)
+        coco, rows, recipe = ([row for kind, row in read if kind == want] for want in ("coco", "paper", "recipe"))
         rows = sort_rows(rows if args.per_seed else aggregate_seeds(rows))
-        recipe = [recipe_row(r) for r in modern]
         recipe = sort_rows(recipe if args.per_seed else aggregate_seeds(recipe))
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, effective_param, find_runs, read_run  # noqa: E402
+from utils.runs import (ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, effective_param, find_runs,  # noqa: E402
+                        read_each, read_run)
 
 
 def run_label(args):
@@ -110,7 +111,7 @@ def main(argv=None):
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
     try:
-        runs = [read_run(r) for r in find_runs(args.runs)]
+        runs = read_each(find_runs(args.runs), read_run)  # an unreadable run is named on stderr and left out
         empty = [str(r["run"]) for r in runs if not r["rows"]]
         if empty:
             raise UserError(f"no finished epoch yet in {empty[0]}/metrics.jsonl")

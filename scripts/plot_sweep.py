@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import ARCH_LABEL, DATASET_LABEL, aggregate_seeds, find_runs, run_row  # noqa: E402
+from utils.runs import ARCH_LABEL, DATASET_LABEL, aggregate_seeds, find_runs, read_each, run_row  # noqa: E402
 
 
 def model_label(key):
@@ -118,7 +118,7 @@ def main(argv=None):
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
     try:
-        rows = [run_row(r) for r in find_runs(args.runs)]
+        rows = read_each(find_runs(args.runs), run_row)  # an unreadable run is named on stderr and left out
         empty = [r["source"] for r in rows if r["top1"] is None]
         if empty:
             raise UserError(f"no finished epoch yet in {empty[0]}/metrics.jsonl")

@@ -22,13 +22,20 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
 export PYTHON
 
+# An array: the repository's path (and a config's) may hold spaces. CONFIGS from the environment is
+# split at newlines when it has any (paths with spaces), else at spaces.
+configs=()
 if [ -z "${CONFIGS:-}" ]; then
-    CONFIGS=""
     for arch in resnet18 resnet34 resnet50 resnet101 resnext50_32x4d mobilenet_v2; do
         for att in none se cbam simam; do
-            CONFIGS+=" $ROOT/configs/imagenet/${arch}_${att}.toml"
+            configs+=("$ROOT/configs/imagenet/${arch}_${att}.toml")
         done
     done
+elif [[ "$CONFIGS" == *$'\n'* ]]; then
+    mapfile -t configs < <(printf '%s\n' "$CONFIGS" | sed '/^[[:space:]]*$/d')
+else
+    # shellcheck disable=SC2206  # split at spaces and expand globs (CONFIGS="configs/imagenet/*_eca.toml")
+    configs=($CONFIGS)
 fi
 
 # shellcheck disable=SC2086  # CHECK_ARGS is a list of flags
@@ -38,7 +45,7 @@ fi
 RUN_LIST=$(mktemp)
 trap 'rm -f "$RUN_LIST"' EXIT
 export RUN_LIST
-for cfg in $CONFIGS; do
+for cfg in "${configs[@]}"; do
     "$ROOT/scripts/train.sh" "$cfg" "$DATA" "$@" || { echo "error: $cfg failed; fix it and run this again" >&2; exit 1; }
 done
 

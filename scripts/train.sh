@@ -24,9 +24,9 @@ PYTHON=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/pyt
 NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 WORKERS=${WORKERS:-$(nproc)}
 
-# new DIR | resume CHECKPOINT | done DIR, then the script (main_coco.py for configs/coco/, else
-# main_imagenet.py), decided by the trainer's own parser (config + flags merged).
-read -r STATE WHERE SCRIPT < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
+# new | resume | done, the script (main_coco.py for configs/coco/, else main_imagenet.py), then the run
+# folder or checkpoint (tab-separated, last: paths may hold spaces), decided by the trainer's own parser.
+IFS=$'\t' read -r STATE SCRIPT WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
 if [ -n "${RUN_LIST:-}" ]; then  # reproduce_imagenet.sh collects the run folders
     if [ "$STATE" = resume ]; then dirname "$WHERE"; else echo "$WHERE"; fi >> "$RUN_LIST"
 fi

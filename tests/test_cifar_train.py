@@ -295,15 +295,17 @@ def test_torchrun_two_ranks_validate_like_one_process(tmp_path):
 
 def test_seeds_script_runs_each_seed_and_summarises(tmp_path):
     write_cifar(tmp_path / "data", "cifar10")
-    proc = subprocess.run([str(ROOT / "scripts" / "cifar_seeds.sh"), "3 4", "--dataset", "cifar10", "--dataset_dir",
+    # Seed 3 three times (once spelt 03): one run, counted once; the folders' names hold spaces.
+    proc = subprocess.run([str(ROOT / "scripts" / "cifar_seeds.sh"), "3 4 3 03", "--dataset", "cifar10", "--dataset_dir",
                            str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16", "--ckpt",
-                           str(tmp_path / "ck")], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           str(tmp_path / "seed runs ü")], cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, PYTHON=sys.executable, **FAST))
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = []
     for s in (3, 4):
-        run_dir = tmp_path / "ck" / f"cifar10-resnet20-seed{s}"
+        run_dir = tmp_path / "seed runs ü" / f"cifar10-resnet20-seed{s}"
         assert json.loads((run_dir / "args.json").read_text())["seed"] == s
         best.append(json.loads((run_dir / "metrics.jsonl").read_text())["val_acc1"])
         assert f"seed {s}: {best[-1]:.3f}" in proc.stdout
     assert f"mean {np.mean(best):.2f} +- {np.std(best, ddof=1):.2f} (std over 2 seeds)" in proc.stdout
+    assert proc.stdout.count("=== seed 3 ===") == 1 and proc.stdout.count("seed 3: ") == 1

@@ -86,18 +86,23 @@ def e2e(tmp_path_factory):
     """Runs the two ResNet-18 configs (none, SimAM) through scripts/reproduce_imagenet.sh.
 
     Beforehand, in this process: the SimAM run finishes both epochs (the launcher must skip it) and
-    the plain run stops after one (the launcher must resume it for the second).
+    the plain run stops after one (the launcher must resume it for the second). Data, configs and
+    runs live in folders whose names hold spaces and non-ASCII letters (CONFIGS one a line).
     """
     tmp = tmp_path_factory.mktemp("reproduce")
-    data = make_demo_dataset(tmp / "data", classes=("h_stripes", "v_stripes", "disc"),
+    data = make_demo_dataset(tmp / "my data é", classes=("h_stripes", "v_stripes", "disc"),
                              train_per_class=4, val_per_class=2, sizes=(40, 40))
-    runs = tmp / "runs"
+    runs = tmp / "my runs ü"
+    configs = tmp / "con figs"
+    configs.mkdir()
+    for name in ("resnet18_none.toml", "resnet18_simam.toml"):
+        (configs / name).write_bytes((CONFIGS / name).read_bytes())
     flags = TINY + ["--ckpt", str(runs)]
     train_main([str(data), "--config", str(CONFIGS / "resnet18_simam.toml"), *flags])
     train_main([str(data), "--config", str(CONFIGS / "resnet18_none.toml"), *flags, "--epochs", "1"])
     simam_rows = (runs / RUN_SIMAM / "metrics.jsonl").read_text()
     env = dict(os.environ, WORKERS="0", CHECK_ARGS="--expect-classes 3 --expect-val-per-class 2 --expect-train 12",
-               CONFIGS=f"{CONFIGS / 'resnet18_none.toml'} {CONFIGS / 'resnet18_simam.toml'}",
+               CONFIGS=f"{configs / 'resnet18_none.toml'}\n{configs / 'resnet18_simam.toml'}\n",
                PYTHON=sys.executable, OMP_NUM_THREADS="2")
     proc = subprocess.run([str(ROOT / "scripts" / "reproduce_imagenet.sh"), str(data), *flags],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -116,7 +116,8 @@ def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, tmp_p
     full = rows(finished)
     ck = load(run / "checkpoint.pth.tar")
     (run / "metrics.jsonl").write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:25])
-    (run / "model_best.pth.tar").unlink()
+    if ck["best_epoch"] == 2:  # the copy after the checkpoint never happened; else model_best is an earlier epoch's
+        (run / "model_best.pth.tar").unlink()
     (run / ".checkpoint.pth.tar.12345.tmp").write_bytes(b"half a checkpoint")
     proc = ok(run_cli(args(data, tmp_path, 3, "--resume", run / "checkpoint.pth.tar")))
     assert "removed a stale temporary file" in proc.stdout
@@ -226,8 +227,9 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="1", WORKERS="0",
                PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "my runs ü"  # a path with a space and a non-ASCII letter, whole through every step
     cmd = ["bash", str(ROOT / "scripts" / "slurm_train.sh"), "none", str(data), *TINY[:-2], "-p", "1", "-b", "2",
-           "--lr", "0.01", "--seed", "0", "--epochs", "2", "--ckpt", str(tmp_path)]
+           "--lr", "0.01", "--seed", "0", "--epochs", "2", "--ckpt", str(ckpt)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -240,11 +242,11 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert "SIGUSR1: asking the run to save" in out and "stopped by SIGTERM at epoch 2, iteration" in out, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    run = tmp_path / RUN
+    run = ckpt / RUN
     assert load(run / "checkpoint.pth.tar")["iteration"] >= 3
 
     # The requeued job: the same command, which now resumes.
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    assert again.returncode == 0 and f"resuming from {run / 'checkpoint.pth.tar'}\n" in again.stdout, again.stderr[-3000:]
     assert_same_weights(load(finished / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"))
     assert [r["epoch"] for r in rows(run)] == [1, 2]

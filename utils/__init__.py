@@ -18,8 +18,12 @@ def cli_main(main):
     """Run a script's `main()` the way every entry point reports: bad input is one `error:` line and
     exit 1; a stop by SIGTERM/SIGUSR1 (checkpoint saved, line already printed) exits 128 + signal;
     Ctrl-C is one line and exit 130 (saves are never cut: utils.checkpoint defers the signal)."""
+    import signal
     import sys
+    import threading
     from .preempt import Preempted
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:
         return main()
     except UserError as e:
@@ -30,3 +34,16 @@ def cli_main(main):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); files already written are complete", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        # The caller's handler back (a test calling main()), unless a Ctrl-C was taken: then the
+        # process is exiting, and a second one must stay ignored through the atexit handlers.
+        if previous is not None and signal.getsignal(signal.SIGINT) is _interrupt:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C: KeyboardInterrupt, once. Further Ctrl-Cs while the process unwinds and exits (loader
+    workers ending, atexit handlers) are ignored: they would print a traceback after the one line."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt

@@ -167,7 +167,10 @@ def load_config(parser, path):
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        cfg = tomllib.loads(path.read_text())
+        cfg = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8, whatever the locale
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not a text (UTF-8 TOML) file: byte {e.start} is "
+                        f"0x{e.object[e.start]:02x} (a binary file, e.g. a checkpoint, passed as --config?)") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}

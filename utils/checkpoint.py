@@ -23,19 +23,66 @@ def save_atomic(obj, path):
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = None
     with deferred_signals():
         try:
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                writer = _Writer(f)
+                torch.save(obj, writer)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             Path(tmp).unlink(missing_ok=True)
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            if isinstance(e, OSError):
+                raise write_error(path, e) from None
+            if writer is not None and writer.error is not None:  # torch's zip writer turned the disk's OSError into a RuntimeError
+                raise write_error(path, writer.error) from None
+            raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class _Writer:
+    """The file torch.save writes to, keeping the OSError of a failed write (a full disk): torch's
+    zip writer swallows it and raises RuntimeError("... unexpected pos ...") instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _size(n):
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def write_error(path, e):
+    """The UserError for a failed write of `path` (its temporary file already removed): the reason,
+    the free space of its folder, and whether the previous file is still there."""
+    import errno
+    import shutil
+    path = Path(path)
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
+        e.errno, e.strerror or str(e))
+    try:
+        where = f"{_size(shutil.disk_usage(path.parent).free)} free in {path.parent}"
+    except OSError:
+        where = f"free space in {path.parent} unknown"
+    kept = f"; the previous {path.name} is intact" if path.exists() and path.name != ".lock" else ""
+    return UserError(f"cannot write {path}: {reason} ({where}){kept}")
 
 
 def load_checkpoint(path):

@@ -27,6 +27,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from . import UserError
 from .data import MAX_BAD_IN_A_ROW, ShardSampler
+from .preempt import end_workers_at_exit, ignore_stop_signals_in_worker
 from .demo_data import ensure_generated
 
 SPLITS = ("train", "val")
@@ -234,6 +235,8 @@ class CocoLoader:
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.seed, self.rank, self.world_size, self.train = seed, rank, world_size, train
         self.pin_memory, self.collate_fn = pin_memory, collate_fn or collate_detection
+        if workers:
+            end_workers_at_exit()
 
     def batches(self, epoch):
         if not self.train:
@@ -246,7 +249,9 @@ class CocoLoader:
         # mid-epoch checkpoint restores (nothing random happens in the workers: flips come with the keys).
         return DataLoader(self.dataset, batch_sampler=self.batches(epoch)[start_batch:], num_workers=self.workers,
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory,
-                          generator=epoch_generator(self.seed, epoch))
+                          generator=epoch_generator(self.seed, epoch),
+                          # scancel / a time limit signal the whole job: workers live on while the main process saves
+                          worker_init_fn=ignore_stop_signals_in_worker)
 
     def __len__(self):
         if not self.train:

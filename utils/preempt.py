@@ -95,15 +95,33 @@ def deferred_signals():
         for s, old in previous.items():
             signal.signal(s, old)
         for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+            # A Python handler is called here, so its KeyboardInterrupt is raised at this line: a
+            # re-raised signal's handler may run later inside a finalizer, whose exception is dropped.
+            if callable(previous[s]):
+                previous[s](s, None)
+            else:
+                signal.raise_signal(s)
 
 
 def ignore_stop_signals_in_worker(_worker_id=None):
-    """DataLoader workers: SLURM signals every process of the job, and a worker that died of it would
-    take the batches the main process still needs (and torch's SIGCHLD handler would raise in the
-    middle of the save). The main process ends its workers itself (`end_workers_at_exit`)."""
-    for s in STOP_SIGNALS:
+    """DataLoader workers: SLURM signals every process of the job, and a terminal's Ctrl-C every process
+    of its foreground group; a worker that died of it would take the batches the main process still
+    needs (torch's SIGCHLD handler would raise in the middle of the save) or print its own traceback
+    (BrokenPipe, EOFError) under the main process's one line. The main process alone decides: it
+    saves and stops, and ends its workers itself (`end_workers_at_exit`)."""
+    for s in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
+    threading.excepthook = _quiet_when_the_main_process_hangs_up
+
+
+def _quiet_when_the_main_process_hangs_up(args):
+    """A worker's threads (multiprocessing's resource sharer, which hands batch tensors to the main
+    process) meet a closed connection when the main process stops in the middle of a hand-over, e.g.
+    on Ctrl-C: not worth a traceback under its one line. Were the main process still running, it
+    would report the failed hand-over itself."""
+    if issubclass(args.exc_type, (ConnectionError, EOFError)):
+        return
+    threading.__excepthook__(args)
 
 
 _reaper = []

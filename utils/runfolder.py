@@ -10,6 +10,8 @@ Rank 0 alone touches the folder; it decides what to do and every rank follows (s
 - `repair(...)`: what a kill between the three writes of an epoch can leave behind (checkpoint, then
   model_best, then the metrics row) is made whole from the checkpoint, which carries the rows.
 """
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import UserError
+from .checkpoint import write_error
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -32,6 +35,8 @@ def lock(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / ".lock", "a+")
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise write_error(run_dir / ".lock", e) from None
         raise UserError(f"cannot write the run folder {run_dir}: {e.strerror or e} (check --ckpt)") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -41,10 +46,15 @@ def lock(run_dir):
         f.close()
         raise UserError(f"run folder {run_dir} is in use by {owner}: one run writes a folder at a time "
                         f"(wait for it, or pass another --ckpt)") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+    except OSError as e:  # a full disk: the owner line cannot be written
+        with contextlib.suppress(OSError):  # closing flushes the same bytes again
+            f.close()
+        raise write_error(run_dir / ".lock", e) from None
     return f
 
 
@@ -122,31 +132,49 @@ def read_rows(path, log=None):
     return rows
 
 
-def write_rows(path, rows):
-    """Rewrite metrics.jsonl atomically (temporary file, fsync, rename)."""
+def write_text_atomic(path, text):
+    """Write a text file atomically (temporary file, fsync, rename): readers see the old or the new
+    file, never a torn one. A failed write (a full disk) removes the temporary file: UserError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+
+
+def write_rows(path, rows):
+    """Rewrite metrics.jsonl atomically."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def append_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """A half-written row (a kill, a full disk) is dropped by read_rows; the checkpoint carries it."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def copy_atomic(src, dst):
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:  # a full disk mid-copy: no half-copied temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise write_error(dst, e) from None
 
 
 def repair(run_dir, ckpt, own, log):
@@ -171,4 +199,4 @@ def repair(run_dir, ckpt, own, log):
         best = peek(run_dir / BEST) if (run_dir / BEST).is_file() else None
         if best is None or progress(best)[0] != best_epoch:
             copy_atomic(run_dir / CHECKPOINT, run_dir / BEST)
-            log(f"{BEST} was behind the checkpoint (a kill between the two writes): copied epoch {done}")
+            log(f"{BEST} was behind the checkpoint (a kill or a full disk between the two writes): copied epoch {done}")

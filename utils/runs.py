@@ -2,7 +2,8 @@
 
 Shared by scripts/make_table.py, scripts/eval_checkpoints.py, scripts/plot_curves.py and the shell
 launchers, which ask this module what to do with a config (`python -m utils.runs plan CONFIG [FLAGS]`
-prints `new DIR`, `resume CHECKPOINT` or `done DIR`).
+prints `new`, `resume` or `done`, the script, then the run folder or checkpoint, tab-separated, the path
+last: it may hold spaces).
 """
 import csv
 import io
@@ -68,7 +69,9 @@ def attention_label(attention_type, param):
 # ---------------------------------------------------------------- run folders
 
 def find_runs(paths):
-    """Run folders (holding metrics.jsonl) among `paths`; a folder of run folders gives all of them."""
+    """Run folders (holding metrics.jsonl) among `paths`; a folder of run folders gives all of them.
+    Each run once, however often it is named (a folder given twice, a run and its parent folder):
+    a run counted twice would pass for two seeds."""
     runs = []
     for p in map(Path, paths):
         if (p / "metrics.jsonl").is_file():
@@ -80,7 +83,42 @@ def find_runs(paths):
             runs += found
         else:
             raise UserError(f"run folder not found: {p}")
-    return runs
+    seen, unique = set(), []
+    for r in runs:
+        if r.resolve() not in seen:
+            seen.add(r.resolve())
+            unique.append(r)
+    return unique
+
+
+def read_each(runs, read, warn=None):
+    """[read(run) for run in runs], leaving out (in one line each to `warn`, default stderr) a run whose
+    files cannot be read, e.g. an args.json torn by a crash mid-write; UserError when none is left."""
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = []
+    for run in runs:
+        try:
+            out.append(read(run))
+        except UserError as e:
+            warn(f"warning: skipped {run}: {e}")
+    if runs and not out:
+        raise UserError(f"none of the {len(runs)} run folders could be read (see the warnings above)")
+    return out
+
+
+def read_args(run):
+    """<run>/args.json as a dict; UserError naming the file when it is missing, torn or not JSON."""
+    path = Path(run) / "args.json"
+    if not path.is_file():
+        raise UserError(f"{run} has no args.json (the settings the trainer records)")
+    try:
+        args = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"{path} is torn or not JSON (not valid JSON{where}: a crash mid-write?)") from None
+    if not isinstance(args, dict) or "arch" not in args:
+        raise UserError(f"{path} is not the trainer's settings (no 'arch' key)")
+    return args
 
 
 def read_metrics(run):
@@ -98,10 +136,7 @@ def read_run(run):
     """{run, args, rows, best}: the recorded settings, the epochs, and the best epoch's row (top-1;
     box AP for COCO runs)."""
     run = Path(run)
-    args_path = run / "args.json"
-    if not args_path.is_file():
-        raise UserError(f"{run} has no args.json (the settings the trainer records)")
-    args = json.loads(args_path.read_text())
+    args = read_args(run)
     rows = read_metrics(run)
     # The reference keeps the best top-1 epoch (model_best); its top-5 is that epoch's top-5.
     key = best_key(rows)
@@ -351,14 +386,13 @@ COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def is_coco_run(run):
-    args = Path(run) / "args.json"
-    return args.is_file() and "detector" in json.loads(args.read_text())
+    return (Path(run) / "args.json").is_file() and "detector" in read_args(run)
 
 
 def coco_run_row(run):
     """A COCO run's row: its last epoch's COCOeval figures (a 1x schedule reports its final model)."""
     run = Path(run)
-    a = json.loads((run / "args.json").read_text())
+    a = read_args(run)
     rows = read_metrics(run)
     last = rows[-1] if rows else {}
     param = effective_param(a.get("attention_type", "none"), a.get("attention_param"))
@@ -425,8 +459,8 @@ def script_for(argv):
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     try:
-        cfg = tomllib.loads(Path(known.config).read_text()) if known.config and Path(known.config).is_file() else {}
-    except tomllib.TOMLDecodeError:
+        cfg = tomllib.loads(Path(known.config).read_bytes().decode()) if known.config and Path(known.config).is_file() else {}
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
         cfg = {}  # the script's own parser reports it
     coco = "detector" in cfg or any(a == "--detector" or a.startswith("--detector=") for a in argv)
     return "main_coco.py" if coco else "main_imagenet.py"
@@ -466,7 +500,7 @@ def _main(argv):
         state, path = plan(argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
-    print(state, path, script_for(argv[1:]))
+    print(state, script_for(argv[1:]), path, sep="\t")  # the path last and whole: it may hold spaces
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def _run(args, task, info, gpu_ids):
             return {"best_acc1": best, "run_dir": run_dir, "finished": True}
         if info.is_main:
             settings = dict(vars(args), seed_used=seed, world_size=info.world_size, classes=len(classes))
-            (run_dir / "args.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+            runfolder.write_text_atomic(run_dir / "args.json", json.dumps(settings, indent=2, default=str) + "\n")
         logger = RunLogger(run_dir, enabled=info.is_main)
         logger.info(f"run folder: {run_dir}")
         logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=seed), default=str)}")
