@@ -1,6 +1,6 @@
 """Datasets, transforms, samplers and loaders. Nothing here knows about the training loop.
 
-Input pipeline (README "Input pipeline"): workers decode JPEGs with `torchvision.io.decode_jpeg`
+Input pipeline (docs/input-pipeline.md): workers decode JPEGs with `torchvision.io.decode_jpeg`
 (PIL for what it cannot read), crop/resize/flip uint8 tensors with `torchvision.transforms.v2`, and
 batches travel as uint8 NCHW; `normalize_uint8` turns them into normalized floats on the device.
 Every random draw of a sample's augmentation comes from `sample_seed(seed, epoch, index)`, so the
