@@ -26,7 +26,7 @@ WORKERS=${WORKERS:-$(nproc)}
 
 # new DIR | resume CHECKPOINT | done DIR, then the script (main_coco.py for configs/coco/, else
 # main_imagenet.py), decided by the trainer's own parser (config + flags merged).
-read -r STATE WHERE SCRIPT < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
+read -r STATE WHERE SCRIPT < <("$PYTHON" "$ROOT/scripts/launch_plan.py" "$DATA" --config "$CONFIG" "$@")
 if [ -n "${RUN_LIST:-}" ]; then  # reproduce_imagenet.sh collects the run folders
     if [ "$STATE" = resume ]; then dirname "$WHERE"; else echo "$WHERE"; fi >> "$RUN_LIST"
 fi
