@@ -7,13 +7,11 @@
 Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
 Docs: docs/imagenet.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
 """
-import torch
-
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
 from utils import cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import add_recipe_args, parse_args
-from utils.data import BACKENDS, EpochLoader, SafeImageFolder, check_data_root, collate_skipping, imagenet_transforms
+from utils.data import BACKENDS, SafeImageFolder, check_data_root, collate_skipping, imagenet_loader, imagenet_transforms
 from utils.demo_data import ensure_demo_dataset
 from utils.trainer import Task, run
 
@@ -57,20 +55,8 @@ def model(args, num_classes):
     return create_net(args.arch, args.attention_type, args.attention_param, num_classes=num_classes)
 
 
-def loader(dataset, batch_size, workers, seed, rank=0, world_size=1, train=True, pin_memory=False, collate_fn=None):
-    """Task.loader: utils.data.EpochLoader, or utils.dali.DaliLoader for DALI datasets (chosen here, by the
-    script that knows the backends, so that utils.data never imports the optional utils.dali)."""
-    if getattr(dataset, "backend", None) == "dali":
-        from utils.dali import DaliLoader
-        # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
-        device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
-        return DaliLoader(dataset, batch_size, workers, seed, rank, world_size, train=train, device=device)
-    return EpochLoader(dataset, batch_size, workers, seed, rank, world_size, train=train,
-                       pin_memory=pin_memory, collate_fn=collate_fn)
-
-
 TASK = Task(name="imagenet", archs=IMAGENET_ARCHS, attentions=ATTENTION_CHOICES, classes=classes,
-            datasets=datasets, model=model, collate_fn=collate_skipping, loader=loader)
+            datasets=datasets, model=model, collate_fn=collate_skipping, loader=imagenet_loader)
 
 
 def main(argv=None):

@@ -4,6 +4,8 @@ imports inside functions count as much as those at the top of a file."""
 import ast
 from pathlib import Path
 
+import torch
+
 from conftest import ROOT
 
 LIBRARIES = ("utils", "networks")
@@ -103,3 +105,18 @@ def test_the_checks_see_function_level_relative_and_package_imports(tmp_path):
     assert upward_imports(graph) == [("utils.d", "main_coco"), ("utils.d", "scripts.x")]
     (pkg / "sub" / "c.py").write_text("from .. import d\n")
     assert find_cycle(import_graph(tmp_path, ("utils",))) is None
+
+
+def test_imagenet_loader_lets_a_dali_dataset_build_its_own_loader():
+    """utils.data hands a DALI dataset to its own make_loader (it cannot import utils.dali, which imports it),
+    with the trainer's arguments and the device that pin_memory names."""
+    from utils.data import imagenet_loader
+
+    class FakeDali:
+        backend = "dali"
+
+        def make_loader(self, *args, **kwargs):
+            return args, kwargs
+
+    args, kwargs = imagenet_loader(FakeDali(), 32, 2, 7, rank=1, world_size=4, train=False)
+    assert args == (32, 2, 7, 1, 4) and kwargs == {"train": False, "device": torch.device("cpu")}

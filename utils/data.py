@@ -351,3 +351,14 @@ class EpochLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+
+def imagenet_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
+                    pin_memory=False, collate_fn=None):
+    """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets."""
+    if getattr(dataset, "backend", None) == "dali":
+        # DaliImageFolder builds its own DaliLoader, so that utils.data never imports the optional utils.dali.
+        # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
+        device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
+        return dataset.make_loader(batch_size, workers, seed, rank, world_size, train=train, device=device)
+    return EpochLoader(dataset, batch_size, workers, seed, rank, world_size, train=train,
+                       pin_memory=pin_memory, collate_fn=collate_fn)
