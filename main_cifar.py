@@ -8,7 +8,7 @@ DIR holds the extracted python archives (cifar-10-batches-py/ or cifar-100-pytho
 downloaded. The defaults are the reference's recipe (164 epochs, lr 0.1 x0.1 after epochs 81 and
 122, weight decay 5e-4, batch 128, test batch 100). The loop, checkpoints, resume, metrics and AMP
 are main_imagenet.py's (utils/trainer.py); only the data (utils/cifar.py) and the schedule differ.
-Docs: README.md ("CIFAR-10 / CIFAR-100").
+Docs: docs/cifar.md.
 """
 import argparse
 import functools

@@ -10,7 +10,7 @@ DATA is COCO 2017's layout (annotations/instances_{train,val}2017.json, train201
 Without DATA the demo set (data/coco_demo/, generated on first use) is used, with small images.
 The job around the loop (DDP, checkpoints, resume, metrics) is utils/trainer.py's, as for ImageNet;
 the models are networks/detection.py, the data and COCOeval utils/coco.py, the loop
-utils/detection_engine.py. Docs: README.md ("COCO detection and instance segmentation").
+utils/detection_engine.py. Docs: docs/coco.md.
 """
 import functools
 import os

@@ -5,7 +5,7 @@
     python main_imagenet.py DATA -a resnet50 -e --resume model_best.pth.tar
 
 Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
-Docs: README.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
+Docs: docs/imagenet.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
 """
 import dataclasses
 import functools

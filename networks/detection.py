@@ -18,7 +18,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from . import create_net
+from .registry import create_net
 
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
 STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # trainable_layers counts from the top

@@ -17,7 +17,7 @@ CIFAR mean/std. Class names: --labels FILE (one per line), else the run's data f
 class folders or the CIFAR archive's names) when args.json records one that still exists, else indices.
 Layer: the last block of the last stage (e.g. layer4.1 of a ResNet-18), or --layer NAME
 (any name of model.named_modules() whose output is a feature map).
-Grad-CAM itself is torchcam's (torchcam.methods.GradCAM); see README for why that library.
+Grad-CAM itself is torchcam's (torchcam.methods.GradCAM); see docs/figures.md for why that library.
 """
 import argparse
 import difflib

@@ -13,7 +13,7 @@ for them). The paper gives no detector FLOPs to compare with.
 
 FLOPs are multiply-adds for one image (224x224 ImageNet, 32x32 CIFAR) counted with thop under the
 convention of thop 0.0.31, the release the paper used (utils/flops.py). The last column is the
-attention modules' own element-wise work, which that convention leaves out (docs in README).
+attention modules' own element-wise work, which that convention leaves out (docs/networks-and-modules.md).
 """
 import json
 import sys

@@ -15,7 +15,7 @@ Accepted label files (the format is detected):
   * one label per line, in sorted file order: a synset (e.g. imagenet_2012_validation_synset_labels.txt)
     or a class index 1..1000 (the devkit's ILSVRC2012_validation_ground_truth.txt). Indices need
     --synsets: a text file whose line i is the synset of ILSVRC2012_ID i (the devkit's meta.mat order,
-    which is NOT alphabetical; README.md (section "Reproducing the ImageNet table") shows how to write it from meta.mat).
+    which is NOT alphabetical; docs/reproduce.md (section "1. Data") shows how to write it from meta.mat).
 Files are moved (default), hard-linked or copied; nothing is ever deleted or overwritten.
 """
 import argparse
@@ -93,7 +93,7 @@ def _indices_to_synsets(lines, synsets_path, path):
     if len(names) == 1000 and names == sorted(names):
         # LOC_synset_mapping.txt / torchvision's class order: the indices would silently mislabel.
         raise PrepError(f"{synsets_path} is in alphabetical order; the devkit's class indices follow "
-                        f"meta.mat's ILSVRC2012_ID order (1 = n02119789): see README.md, section 'Reproducing the ImageNet table'")
+                        f"meta.mat's ILSVRC2012_ID order (1 = n02119789): see docs/reproduce.md, section '1. Data'")
     top = max(int(x) for x in lines)
     if min(int(x) for x in lines) < 1 or top > len(names):
         raise PrepError(f"{path}: class index {top} outside 1..{len(names)} of {synsets_path}")
@@ -207,7 +207,7 @@ def check_dataset(data, classes=1000, train_total=None, val_per_class=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Label formats and examples: see the top of this file and README.md, section 'Reproducing the ImageNet table'.")
+                                epilog="Label formats and examples: see the top of this file and docs/reproduce.md, section '1. Data'.")
     p.add_argument("val_dir", nargs="?", help="folder of flat validation images (e.g. DATA/val)")
     p.add_argument("labels", nargs="?", help="ground-truth file (LOC_val_solution.csv, 'file synset' pairs, "
                                              "or one synset/class index per line)")

@@ -53,7 +53,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 
-IFS=$'\t' read -r STATE SCRIPT WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" "${CONFIG_ARGS[@]}" "$@")
+IFS=$'\t' read -r STATE SCRIPT WHERE < <("$PYTHON" "$ROOT/scripts/launch_plan.py" "$DATA" "${CONFIG_ARGS[@]}" "$@")
 case "$STATE" in
     done)   echo "=> $CONFIG: finished ($WHERE); skipping"; exit 0 ;;
     resume) echo "=> $CONFIG: resuming from $WHERE"; set -- --resume "$WHERE" "$@" ;;

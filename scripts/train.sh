@@ -26,7 +26,7 @@ WORKERS=${WORKERS:-$(nproc)}
 
 # new | resume | done, the script (main_coco.py for configs/coco/, else main_imagenet.py), then the run
 # folder or checkpoint (tab-separated, last: paths may hold spaces), decided by the trainer's own parser.
-IFS=$'\t' read -r STATE SCRIPT WHERE < <(PYTHONPATH="$ROOT" "$PYTHON" -m utils.runs plan "$DATA" --config "$CONFIG" "$@")
+IFS=$'\t' read -r STATE SCRIPT WHERE < <("$PYTHON" "$ROOT/scripts/launch_plan.py" "$DATA" --config "$CONFIG" "$@")
 if [ -n "${RUN_LIST:-}" ]; then  # reproduce_imagenet.sh collects the run folders
     if [ "$STATE" = resume ]; then dirname "$WHERE"; else echo "$WHERE"; fi >> "$RUN_LIST"
 fi

@@ -277,8 +277,11 @@ def test_configs_and_the_1x_schedule():
 def test_coco_table_and_launcher_plan(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
-    from utils.runs import plan, script_for
     root = Path(main_coco.__file__).parent
+    spec = importlib.util.spec_from_file_location("launch_plan", root / "scripts" / "launch_plan.py")
+    launch_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_plan)
+    plan, script_for = launch_plan.plan, launch_plan.script_for
     run = tmp_path / "coco-mask_rcnn-resnet50-simam-param0.1"
     run.mkdir()
     (run / "args.json").write_text(json.dumps({"detector": "mask_rcnn", "arch": "resnet50", "attention_type": "simam",

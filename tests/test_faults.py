@@ -352,7 +352,7 @@ def test_a_binary_config_is_one_line(tmp_path, capsys):
     save_atomic({"w": torch.zeros(4)}, binary)
     code, out, err = cli(["--config", binary, "--ckpt", tmp_path], capsys)
     assert code == 1 and one_error_line(err).startswith(f"error: config file {binary} is not a text (UTF-8 TOML) file")
-    plan = subprocess.run([sys.executable, "-m", "utils.runs", "plan", str(tmp_path), "--config", str(binary)],
+    plan = subprocess.run([sys.executable, "scripts/launch_plan.py", str(tmp_path), "--config", str(binary)],
                           cwd=ROOT, capture_output=True, text=True)
     assert plan.returncode == 1 and one_error_line(plan.stderr).startswith(f"error: config file {binary} is not a text")
 

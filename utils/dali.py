@@ -44,6 +44,10 @@ class DaliImageFolder(datasets.ImageFolder):
         super().__init__(root)
         self.transform, self.evaluate_once = transform, evaluate_once
 
+    def make_loader(self, batch_size, workers, seed, rank=0, world_size=1, train=True, device=None):
+        """Its DaliLoader (utils.data.imagenet_loader asks the dataset, so utils.data never imports this module)."""
+        return DaliLoader(self, batch_size, workers, seed, rank, world_size, train=train, device=device)
+
     def read(self, index, seed):
         """(encoded bytes, start [x, y], shape [w, h], flip, target, skipped) of one sample, with
         the replacement logic of utils.data.SafeImageFolder."""

@@ -1,6 +1,6 @@
 """Datasets, transforms, samplers and loaders. Nothing here knows about the training loop.
 
-Input pipeline (README "Input pipeline"): workers decode JPEGs with `torchvision.io.decode_jpeg`
+Input pipeline (docs/input-pipeline.md): workers decode JPEGs with `torchvision.io.decode_jpeg`
 (PIL for what it cannot read), crop/resize/flip uint8 tensors with `torchvision.transforms.v2`, and
 batches travel as uint8 NCHW; `normalize_uint8` turns them into normalized floats on the device.
 Every random draw of a sample's augmentation comes from `sample_seed(seed, epoch, index)`, so the
@@ -460,9 +460,9 @@ def imagenet_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, tr
     """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets
     (which main_imagenet.py does not give the recipe's data flags: it refuses them)."""
     if getattr(dataset, "backend", None) == "dali":
-        from .dali import DaliLoader
+        # DaliImageFolder builds its own DaliLoader, so that utils.data never imports the optional utils.dali.
         # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
         device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
-        return DaliLoader(dataset, batch_size, workers, seed, rank, world_size, train=train, device=device)
+        return dataset.make_loader(batch_size, workers, seed, rank, world_size, train=train, device=device)
     return EpochLoader(dataset, batch_size, workers, seed, rank, world_size, train=train,
                        pin_memory=pin_memory, collate_fn=collate_fn, ra_reps=ra_reps)

@@ -1,4 +1,4 @@
-"""Parameters and FLOPs exactly as the SimAM paper counts them (see README.md).
+"""Parameters and FLOPs exactly as the SimAM paper counts them (see docs/networks-and-modules.md).
 
 The paper's table comes from thop 0.0.31 (2020): FLOPs = multiply-adds for one 3xSxS image, with
   conv       out_elements * (in_channels / groups * kernel_h * kernel_w + 1 if bias)

@@ -1,9 +1,7 @@
 """Results of runs: reading run folders, the paper's numbers, and the comparison table.
 
-Shared by scripts/make_table.py, scripts/eval_checkpoints.py, scripts/plot_curves.py and the shell
-launchers, which ask this module what to do with a config (`python -m utils.runs plan CONFIG [FLAGS]`
-prints `new`, `resume` or `done`, the script, then the run folder or checkpoint, tab-separated, the path
-last: it may hold spaces).
+Shared by scripts/make_table.py, scripts/eval_checkpoints.py, scripts/plot_curves.py and
+scripts/launch_plan.py (what the shell launchers do with a config).
 """
 import csv
 import io
@@ -446,62 +444,3 @@ COCO_CSV_FIELDS = (["detector", "arch", "attention", "param", "classes", "epochs
 
 def coco_csv_table(rows):
     return csv_table(rows, COCO_CSV_FIELDS)
-
-
-# ---------------------------------------------------------------- launchers' helper
-
-def script_for(argv):
-    """The training script a command is for: main_coco.py when the config (configs/coco/) or a flag
-    sets `detector`, else main_imagenet.py."""
-    import argparse
-    import tomllib
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    try:
-        cfg = tomllib.loads(Path(known.config).read_bytes().decode()) if known.config and Path(known.config).is_file() else {}
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
-        cfg = {}  # the script's own parser reports it
-    coco = "detector" in cfg or any(a == "--detector" or a.startswith("--detector=") for a in argv)
-    return "main_coco.py" if coco else "main_imagenet.py"
-
-
-def plan(argv):
-    """What a launcher should do for `SCRIPT --config CONFIG [FLAGS]` (SCRIPT: script_for(argv)):
-    ("done", run_dir) when every epoch is in metrics.jsonl, ("resume", checkpoint) when a checkpoint
-    is there, else ("new", run_dir). Uses the trainer's own parser, so flags and config merge the same way."""
-    from utils.args import parse_args, run_name
-    script = script_for(argv)
-    if script == "main_coco.py":
-        from main_coco import get_args_parser
-    else:
-        from main_imagenet import get_args_parser
-    parser = get_args_parser()
-    parser.prog = script  # errors name the flags' owner
-    args = parse_args(parser, argv)
-    if script == "main_coco.py":
-        from main_coco import resolve_defaults
-        args = resolve_defaults(args)  # epochs, -b, sizes: recipe or demo defaults
-    param = effective_param(args.attention_type, args.attention_param)
-    prefix = f"coco-{args.detector}" if script == "main_coco.py" else "imagenet"
-    run = Path(args.ckpt) / run_name(prefix, args.arch, args.attention_type, param, args.seed)
-    epochs_done = max((r["epoch"] for r in read_metrics(run)), default=0) if (run / "metrics.jsonl").is_file() else 0
-    if epochs_done >= args.epochs:
-        return "done", run
-    if (run / "checkpoint.pth.tar").is_file():
-        return "resume", run / "checkpoint.pth.tar"
-    return "new", run
-
-
-def _main(argv):
-    if not argv or argv[0] != "plan":
-        sys.exit("usage: python -m utils.runs plan --config CONFIG [main_imagenet.py / main_coco.py flags]")
-    try:
-        state, path = plan(argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    print(state, script_for(argv[1:]), path, sep="\t")  # the path last and whole: it may hold spaces
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
