@@ -66,6 +66,31 @@ def test_configs_carry_the_papers_recipe():
             assert (args.epochs, args.lr, args.cos_lr, args.weight_decay) == (100, 0.1, False, 1e-4), f
 
 
+def test_mobilenet_v2_configs_replay_the_references_per_epoch_cosine():
+    """The reference stepped CosineAnnealingLR(T_max=epochs) *before* each epoch: epoch e trained at
+    t = e + 1, constant within the epoch, the last epoch at lr 0. Its values come from torch's own
+    scheduler here; the trainer's schedule must give them at every iteration of every epoch."""
+    import warnings
+    from utils.schedule import schedule_from_args
+    files = sorted(CONFIGS.glob("mobilenet_v2_*.toml"))
+    assert len(files) == 9
+    for f in files:
+        args = parse_args(get_args_parser(), ["--config", str(f)])
+        assert args.cos_lr and args.cos_ref_shift, f
+        iters = 5004  # ImageNet's full batches at 256 (any count: the reference's lr is per epoch)
+        lr_fn = schedule_from_args(args, iters)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+        for epoch in range(args.epochs):
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": the reference's order
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
+            want = opt.param_groups[0]["lr"]
+            for it in (0, 1, iters // 2, iters - 1):
+                assert math.isclose(lr_fn(epoch, it), want, rel_tol=1e-12, abs_tol=1e-15), (f.name, epoch, it)
+        assert lr_fn(args.epochs - 1, 0) == 0 and lr_fn(0, 0) < args.lr
+
+
 def test_flags_override_config_and_unknown_keys_are_named(tmp_path, capsys):
     cfg = CONFIGS / "resnet50_simam.toml"
     args = parse_args(get_args_parser(), ["--config", str(cfg), "--epochs", "3", "--wd", "5e-5"])
