@@ -24,6 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Every seed a training test uses goes through `seed()`: SIMAM_TEST_SEED_OFFSET=N shifts them all, so
+# a run of the suite trains other weights and meets other outcomes (which epoch is best, the losses),
+# which no test may depend on (docs/testing.md: the machine-independence check).
+SEED_OFFSET = int(os.environ.get("SIMAM_TEST_SEED_OFFSET", "0"))
+
+
+def seed(n=0):
+    """The training seed `n` of a test, shifted by SIMAM_TEST_SEED_OFFSET."""
+    return n + SEED_OFFSET
+
+
 # Small crops keep a ResNet-18 step in the tens of milliseconds on a CPU.
 TINY = ["-a", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
         "-p", "100"]
