@@ -35,6 +35,11 @@ def seed(n=0):
     return n + SEED_OFFSET
 
 
+# Intra-op threads of every training process a test starts (and of in-process training): 1 unless
+# OMP_NUM_THREADS says otherwise, so the suite can be run with 2 to check no result depends on it.
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+
+
 # Small crops keep a ResNet-18 step in the tens of milliseconds on a CPU.
 TINY = ["-a", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
         "-p", "100"]
@@ -59,11 +64,11 @@ def assert_same_weights(a, b, momentum=False):
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for in-process training: tiny models gain nothing from threads, and on a
-    shared 2-core machine threads fighting other processes cost seconds a step."""
+    """One intra-op thread (OMP_NUM_THREADS when set) for in-process training: tiny models gain nothing
+    from threads, and on a shared 2-core machine threads fighting other processes cost seconds a step."""
     import torch
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(THREADS))
     yield
     torch.set_num_threads(n)
 
@@ -77,7 +82,7 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
     """Run `python SCRIPT ARGS` (or `torchrun ... SCRIPT ARGS`); returns CompletedProcess."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / script)] + [str(a) for a in args]
     # One intra-op thread: on a busy 2-core machine, 2-thread OpenMP steps run 10x slower, not 2x.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     # Own session, so a timeout kills torchrun's workers too instead of leaving them running.
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

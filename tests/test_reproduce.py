@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import seed  # noqa: E402
 from main_imagenet import get_args_parser  # noqa: E402
 from main_imagenet import main as train_main  # noqa: E402
 from networks import create_net  # noqa: E402
@@ -30,8 +31,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "mo
 ATTS = ("none", "se", "cbam", "simam", "eca", "gc", "srm", "coordatt", "triplet")
 # Tiny overrides of the real configs: 32 px crops, 8-image batches, a learning rate that suits them.
 TINY = ["--epochs", "2", "-b", "4", "--lr", "0.01", "--train-crop-size", "32", "--val-resize-size", "36",
-        "--val-crop-size", "32", "-p", "100", "-j", "0", "--seed", "0"]
-RUN_NONE, RUN_SIMAM = "imagenet-resnet18-seed0", "imagenet-resnet18-simam-param0.1-seed0"
+        "--val-crop-size", "32", "-p", "100", "-j", "0", "--seed", str(seed(0))]
+RUN_NONE, RUN_SIMAM = f"imagenet-resnet18-seed{seed(0)}", f"imagenet-resnet18-simam-param0.1-seed{seed(0)}"
 
 
 def script(name):
@@ -171,7 +172,8 @@ def test_curves_png_from_real_runs(e2e, tmp_path):
     fig = plot_curves.make_figure([read_run(r) for r in runs])
     acc, loss, lr = fig.axes
     labels = [line.get_label() for line in acc.lines]
-    assert labels[0].startswith("ResNet-18, seed 0: val (best") and labels[3] == "ResNet-18 + SimAM (λ=0.1), seed 0: train"
+    assert labels[0].startswith(f"ResNet-18, seed {seed(0)}: val (best")
+    assert labels[3] == f"ResNet-18 + SimAM (λ=0.1), seed {seed(0)}: train"
     for k, run in enumerate(runs):  # the plotted values are the runs' metrics
         rows = rows_of(run)
         assert list(acc.lines[2 * k].get_ydata()) == [r["val_acc1"] for r in rows]

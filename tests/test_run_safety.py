@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_same_weights, make_tiny_data, run_cli, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, seed
 
 RUN = f"imagenet-resnet18-seed{seed(0)}"
 
@@ -95,7 +95,7 @@ def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, a
 
 
 def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in args(data, tmp_path, 3)]
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -166,7 +166,7 @@ def test_a_missing_model_best_is_restored_from_the_checkpoint_or_said_to_be_lost
 
 def run_until(cmd, marker, sig, timeout=180):
     """Start `cmd`, send `sig` once a stdout line contains `marker`; returns (returncode, stdout, stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines, deadline = [], time.time() + timeout
     try:
@@ -219,7 +219,7 @@ def test_sigterm_to_every_process_of_the_job_with_loader_workers(data, finished,
     with 2 workers ends with the weights of the uninterrupted run with none."""
     cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [
         str(a) for a in args(data, tmp_path, 2, "-p", "1", "-j", "2")]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -259,7 +259,7 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
         port = s.getsockname()[1]
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="1", WORKERS="0",
-               PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+               PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     cmd = ["bash", str(ROOT / "scripts" / "slurm_train.sh"), "none", str(data), *TINY[:-2], "-p", "1", "-b", "2",
            "--lr", "0.01", "--seed", str(seed(0)), "--epochs", "2", "--ckpt", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

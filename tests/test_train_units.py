@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import main_imagenet
-from conftest import ROOT, TINY, make_tiny_data
+from conftest import ROOT, TINY, make_tiny_data, seed
 from networks import create_net
 from utils import UserError
 from utils.args import get_args_parser, parse_args, run_name
@@ -107,10 +107,10 @@ def test_an_epoch_is_plain_sgd_steps_and_reports_their_mean_loss(tiny_data, one_
     import copy
     from torch.nn import functional as F
     from utils.engine import _unpack
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     _, val_tf = imagenet_transforms(32, 36, 32)
     ds = SafeImageFolder(tiny_data / "train", val_tf)
-    loader = EpochLoader(ds, 8, 0, seed=0, collate_fn=collate_skipping)
+    loader = EpochLoader(ds, 8, 0, seed=seed(0), collate_fn=collate_skipping)
     model = create_net("resnet18", "simam", 0.1, num_classes=3)
     twin = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
