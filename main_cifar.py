@@ -73,16 +73,19 @@ def model(args, num_classes):
     return create_net(args.arch, args.attention_type, args.attention_param, num_classes=num_classes)
 
 
+def device_loader(split, batch_size, workers, seed, rank=0, world_size=1, train=True, pin_memory=False,
+                  collate_fn=None, *, test_batch_size):
+    """Called as EpochLoader is (through make_loader). pin_memory=True exactly when the run is on
+    CUDA, and init_distributed has made this rank's GPU the current device."""
+    device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
+    if not train:
+        batch_size = math.ceil(test_batch_size / world_size)
+    return DeviceLoader(split, batch_size, seed, rank, world_size, train=train, device=device)
+
+
 def make_loader(args):
-    """The trainer calls this as it would EpochLoader. It passes pin_memory=True exactly when the
-    run is on CUDA, and init_distributed has made this rank's GPU the current device."""
-    def loader(split, batch_size, workers, seed, rank=0, world_size=1, train=True, pin_memory=False,
-               collate_fn=None):
-        device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
-        if not train:
-            batch_size = math.ceil(args.test_batch_size / world_size)
-        return DeviceLoader(split, batch_size, seed, rank, world_size, train=train, device=device)
-    return loader
+    # A partial, not a closure: the Task travels to the processes --nproc / --gpu 0,1,.. start.
+    return functools.partial(device_loader, test_batch_size=args.test_batch_size)
 
 
 def schedule(args, iters_per_epoch):

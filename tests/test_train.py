@@ -110,6 +110,23 @@ def test_torchrun_ddp_validation_equals_single_process(ddp_run):
     assert loss == pytest.approx(row["val_loss"], rel=1e-4)
 
 
+def test_nproc_equals_torchrun_bit_for_bit(ddp_run, tmp_path):
+    """`--nproc 2` starts its two gloo ranks itself (torch.multiprocessing); the run equals torchrun's
+    with two processes: weights, momentum buffers and every recorded figure but the clock."""
+    data, run_dir, _ = ddp_run
+    proc = ok(run_cli([data, *TINY, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", seed(1), "--epochs", "1",
+                       "--nproc", "2", "--ckpt", tmp_path], timeout=300))
+    mine = tmp_path / run_dir.name
+    assert proc.stdout.count("Epoch 1/1:") == 1 and proc.stdout.count("data:") == 1  # only rank 0 prints
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr
+    assert json.loads((mine / "args.json").read_text())["world_size"] == 2
+    assert_same_weights(load(run_dir / "checkpoint.pth.tar"), load(mine / "checkpoint.pth.tar"), momentum=True)
+    clock = {"epoch_time", "images_per_sec"}
+    want, got = metrics(run_dir), metrics(mine)
+    assert [{k: v for k, v in r.items() if k not in clock} for r in got] == \
+        [{k: v for k, v in r.items() if k not in clock} for r in want]
+
+
 def reference_format(ck, path):
     """The reference code's checkpoint layout (DataParallel keys, tensor best_acc), plain torch.save."""
     torch.save({"epoch": 1, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in ck["state_dict"].items()},
