@@ -117,3 +117,19 @@ def test_nproc_is_refused_under_torchrun_and_checked(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="torchrun started this process as one of 2"):
         processes_to_start(2, [])
+
+
+def test_every_scripts_task_travels_to_spawned_ranks():
+    """spawn pickles the Task for its processes: no closures or lambdas in any script's."""
+    import pickle
+
+    import main_cifar
+    import main_coco
+    import main_imagenet
+    from utils.args import parse_args
+    cifar = parse_args(main_cifar.get_args_parser(), ["--dataset", "cifar10", "--nproc", "2"])
+    coco = main_coco.resolve_defaults(parse_args(main_coco.get_args_parser(), ["DATA", "--nproc", "2"]))
+    for task in (main_imagenet.TASK, main_cifar.make_task(cifar), main_coco.make_task(coco)):
+        again = pickle.loads(pickle.dumps(task))
+        assert again.name == task.name and again.loader.__module__ == task.loader.__module__
+    assert (cifar.nproc, coco.nproc) == (2, 2)
