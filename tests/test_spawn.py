@@ -92,6 +92,19 @@ def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_ex
         assert [r[key] for r in rows(run)] == [r[key] for r in rows(ref)], key
 
 
+def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground group, launcher and ranks: the ranks stop at
+    one iteration as on SIGTERM, rank 0 saves, and the command exits 130."""
+    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    read_until(proc, "Epoch: [1][1/6]")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
+    assert proc.returncode == 128 + signal.SIGINT, (out[-2000:], err[-3000:])
+    assert out.count("stopped by SIGTERM at epoch 1, iteration") == 1 and "Traceback" not in err, err[-3000:]
+    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    assert ck["epoch"] == 0 and 1 <= ck["iteration"] < 6
+
+
 def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
     proc = start(cmd(data, tmp_path, "--epochs", "1"))
     read_until(proc, "Epoch: [1][1/6]")
