@@ -74,18 +74,22 @@ def model(args, num_classes):
     return create_net(args.arch, args.attention_type, args.attention_param, num_classes=num_classes)
 
 
+def device_loader(split, batch_size, workers, seed, rank=0, world_size=1, train=True, pin_memory=False,
+                  collate_fn=None, *, test_batch_size, ra_reps=1, augment=None):
+    """Called as EpochLoader is (through make_loader). pin_memory=True exactly when the run is on
+    CUDA, and init_distributed has made this rank's GPU the current device. augment: the recipe's
+    per-image options (utils.data.augment_options)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
+    if not train:
+        batch_size = math.ceil(test_batch_size / world_size)
+    return DeviceLoader(split, batch_size, seed, rank, world_size, train=train, device=device, ra_reps=ra_reps,
+                        augment=SampleAugment(**(augment or {}), mean=CIFAR_MEAN, std=CIFAR_STD))
+
+
 def make_loader(args):
-    """The trainer calls this as it would EpochLoader. It passes pin_memory=True exactly when the
-    run is on CUDA, and init_distributed has made this rank's GPU the current device."""
-    def loader(split, batch_size, workers, seed, rank=0, world_size=1, train=True, pin_memory=False,
-               collate_fn=None):
-        device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
-        if not train:
-            batch_size = math.ceil(args.test_batch_size / world_size)
-        augment = SampleAugment(**augment_options(args), mean=CIFAR_MEAN, std=CIFAR_STD)
-        return DeviceLoader(split, batch_size, seed, rank, world_size, train=train, device=device,
-                            ra_reps=args.ra_reps, augment=augment)
-    return loader
+    # A partial, not a closure: the Task travels to the processes --nproc / --gpu 0,1,.. start.
+    return functools.partial(device_loader, test_batch_size=args.test_batch_size, ra_reps=args.ra_reps,
+                             augment=augment_options(args))
 
 
 def schedule(args, iters_per_epoch):

@@ -24,6 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Every seed a training test uses goes through `seed()`: SIMAM_TEST_SEED_OFFSET=N shifts them all, so
+# a run of the suite trains other weights and meets other outcomes (which epoch is best, the losses),
+# which no test may depend on (docs/testing.md: the machine-independence check).
+SEED_OFFSET = int(os.environ.get("SIMAM_TEST_SEED_OFFSET", "0"))
+
+
+def seed(n=0):
+    """The training seed `n` of a test, shifted by SIMAM_TEST_SEED_OFFSET."""
+    return n + SEED_OFFSET
+
+
+# Intra-op threads of every training process a test starts (and of in-process training): 1 unless
+# OMP_NUM_THREADS says otherwise, so the suite can be run with 2 to check no result depends on it.
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+
+
 # Small crops keep a ResNet-18 step in the tens of milliseconds on a CPU.
 TINY = ["-a", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
         "-p", "100"]
@@ -48,11 +64,11 @@ def assert_same_weights(a, b, momentum=False):
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for in-process training: tiny models gain nothing from threads, and on a
-    shared 2-core machine threads fighting other processes cost seconds a step."""
+    """One intra-op thread (OMP_NUM_THREADS when set) for in-process training: tiny models gain nothing
+    from threads, and on a shared 2-core machine threads fighting other processes cost seconds a step."""
     import torch
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(THREADS))
     yield
     torch.set_num_threads(n)
 
@@ -72,7 +88,7 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
     """Run `python SCRIPT ARGS` (or `torchrun ... SCRIPT ARGS`); returns CompletedProcess."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / script)] + [str(a) for a in args]
     # One intra-op thread: on a busy 2-core machine, 2-thread OpenMP steps run 10x slower, not 2x.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     # Own session, so a timeout kills torchrun's workers too instead of leaving them running.
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -102,13 +102,38 @@ def randomized(name, channels, param=None, dtype=torch.float64, seed=0):
     return m
 
 
+# GC at its default reduction has one hidden unit on these few channels, where LayerNorm outputs its
+# bias whatever the context: reduction 2 keeps the softmax pooling visible in the output.
+FORMULA_PARAM = {"gc": 2}
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", NEW)
 def test_module_matches_its_formula_float64(name, shape):
-    m = randomized(name, shape[1])
+    m = randomized(name, shape[1], FORMULA_PARAM.get(name))
     x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
     with torch.no_grad():
         torch.testing.assert_close(m(x), REF[name](m, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 7, 7), (1, 32, 56, 56), (3, 16, 5, 9)])
+def test_gc_float64_equals_global_context_to_rounding(shape):
+    """GCNet's block (timm's GlobalContext with fusion by addition) from its formula, in float64:
+    softmax attention pooling over H*W, 1x1 conv -> LayerNorm -> ReLU -> 1x1 conv, added to x. A
+    float32 step anywhere (the softmax) would leave ~1e-8 relative; float64 throughout leaves rounding."""
+    m = randomized("gc", shape[1], 4)
+    assert m.transform[0].out_channels == shape[1] // 4 > 1  # a hidden width where the context matters
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    with torch.no_grad():
+        got, want = m(x), gc_ref(m, x)
+        delta = want - x  # the block's own contribution, where a float32 softmax would show
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    assert ((got - x) - delta).abs().max() <= 1e-12 * delta.abs().max()
+    # Half inputs still take the softmax in float32 and come back in their own dtype.
+    with torch.no_grad():
+        half = m.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
 
 
 def test_eca_given_kernel_size_and_adaptive_sizes():

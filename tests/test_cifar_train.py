@@ -14,10 +14,10 @@ import torch
 from torchvision.transforms import functional as TF
 
 import main_cifar
-from conftest import ROOT
+from conftest import ROOT, THREADS, seed
 from utils.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, read_classes, read_split
 
-FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": "1"}  # no kernel compilation for 2 tiny epochs
+FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": THREADS}  # no kernel compilation for 2 tiny epochs
 
 
 @pytest.fixture
@@ -99,14 +99,14 @@ def test_reader_gets_the_archives_arrays_and_labels(tmp_path):
 
 def train(data, ckpt, *extra, epochs=2):
     argv = ["--dataset", "cifar100", "--dataset_dir", str(data), "-a", "resnet20", "--attention_type", "simam",
-            "--attention_param", "1e-4", "-b", "16", "--seed", "0", "--epochs", str(epochs), "--ckpt", str(ckpt),
+            "--attention_param", "1e-4", "-b", "16", "--seed", str(seed(0)), "--epochs", str(epochs), "--ckpt", str(ckpt),
             "--test_batch_size", "16", *extra]
     return main_cifar.main(argv)
 
 
 def test_train_resume_exact_and_evaluate(tmp_path, one_thread, capsys):
     write_cifar(tmp_path / "data", "cifar100")
-    run = "cifar100-resnet20-simam-param0.0001-seed0"
+    run = f"cifar100-resnet20-simam-param0.0001-seed{seed(0)}"
 
     train(tmp_path / "data", tmp_path / "a")
     a = tmp_path / "a" / run
@@ -115,7 +115,7 @@ def test_train_resume_exact_and_evaluate(tmp_path, one_thread, capsys):
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["images_per_sec"] > 0 for r in rows)
     settings = json.loads((a / "args.json").read_text())
-    assert (settings["dataset"], settings["seed"], settings["classes"]) == ("cifar100", 0, 100)
+    assert (settings["dataset"], settings["seed"], settings["classes"]) == ("cifar100", seed(0), 100)
     assert settings["epochs"] == 2 and settings["weight_decay"] == 5e-4 and settings["milestones"] == [81, 122]
     log = capsys.readouterr().out
     assert "params" in log and "Epoch 2/2" in log  # the start-up summary and the epoch lines
@@ -275,7 +275,7 @@ def test_torchrun_two_ranks_validate_like_one_process(tmp_path):
     sharded validation (40 images, test batch 7 -> 4 per rank) equals a single-process evaluation."""
     write_cifar(tmp_path / "data", "cifar100")
     common = [str(ROOT / "main_cifar.py"), "--dataset", "cifar100", "--dataset_dir", str(tmp_path / "data"),
-              "-a", "resnet20", "--seed", "1"]
+              "-a", "resnet20", "--seed", str(seed(1))]
     env = dict(os.environ, **FAST)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           *common, "-b", "16", "--epochs", "1", "--test-batch-size", "7", "-p", "1",
@@ -283,7 +283,7 @@ def test_torchrun_two_ranks_validate_like_one_process(tmp_path):
                          env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("Epoch 1/1:") == 1 and "[1][3/4]" in ddp.stdout  # rank 0 prints; 4 steps a rank
-    run_dir = tmp_path / "ck" / "cifar100-resnet20-seed1"
+    run_dir = tmp_path / "ck" / f"cifar100-resnet20-seed{seed(1)}"
     row = json.loads((run_dir / "metrics.jsonl").read_text())
     one = subprocess.run([sys.executable, *common, "-e", "--resume", str(run_dir / "checkpoint.pth.tar")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
@@ -295,14 +295,15 @@ def test_torchrun_two_ranks_validate_like_one_process(tmp_path):
 
 def test_seeds_script_runs_each_seed_and_summarises(tmp_path):
     write_cifar(tmp_path / "data", "cifar10")
-    # Seed 3 three times (once spelt 03): one run, counted once; the folders' names hold spaces.
-    proc = subprocess.run([str(ROOT / "scripts" / "cifar_seeds.sh"), "3 4 3 03", "--dataset", "cifar10", "--dataset_dir",
+    # One seed three times (once with a leading 0): one run, counted once; the folders' names hold spaces.
+    proc = subprocess.run([str(ROOT / "scripts" / "cifar_seeds.sh"), f"{seed(3)} {seed(4)} {seed(3)} 0{seed(3)}",
+                           "--dataset", "cifar10", "--dataset_dir",
                            str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16", "--ckpt",
                            str(tmp_path / "seed runs ü")], cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, PYTHON=sys.executable, **FAST))
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = []
-    for s in (3, 4):
+    for s in (seed(3), seed(4)):
         run_dir = tmp_path / "seed runs ü" / f"cifar10-resnet20-seed{s}"
         assert json.loads((run_dir / "args.json").read_text())["seed"] == s
         best.append(json.loads((run_dir / "metrics.jsonl").read_text())["val_acc1"])

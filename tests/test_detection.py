@@ -325,9 +325,10 @@ def test_train_one_epoch_stops_and_continues_mid_epoch_exactly(coco_tiny):
     """The trainer's mid-epoch resume contract (utils.engine's): stop at a boundary after k steps, then
     loader(epoch, start_batch=k) with start_iter=k and the returned sums gives the uninterrupted
     epoch's weights, lr steps and averages."""
+    from conftest import seed
     from utils.detection_engine import train_one_epoch
     ds = CocoDetection(CocoSplit(coco_tiny, "train"), train=True)
-    loader = CocoLoader(ds, 2, 0, seed=5)
+    loader = CocoLoader(ds, 2, 0, seed=seed(5))
     lrs = []
 
     def lr_fn(epoch, it):
@@ -335,20 +336,20 @@ def test_train_one_epoch_stops_and_continues_mid_epoch_exactly(coco_tiny):
         return 0.002 * (1 + it)
 
     def fresh():
-        torch.manual_seed(0)
+        torch.manual_seed(seed(0))
         m = create_detector("faster_rcnn", "resnet18", num_classes=4, trainable_layers=0, min_size=48, max_size=64,
                             box_batch_size_per_image=16, rpn_post_nms_top_n_train=50)
         return m, torch.optim.SGD([q for q in m.parameters() if q.requires_grad], 0.01, momentum=0.9)
 
     cpu = torch.device("cpu")
     model, opt = fresh()
-    torch.manual_seed(1)
+    torch.manual_seed(seed(1))
     whole = train_one_epoch(model, loader(0), None, opt, lr_fn, 0, cpu, print_freq=100)
     assert not whole["interrupted"] and whole["iteration"] == len(loader) == whole["images"] // 2
     want = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, opt = fresh()
-    torch.manual_seed(1)
+    torch.manual_seed(seed(1))
     lrs.clear()
     first = train_one_epoch(model, loader(0), None, opt, lr_fn, 0, cpu, print_freq=100,
                             boundary=lambda done, get_sums: done == 2)

@@ -269,18 +269,20 @@ def test_sweep_without_simam_is_one_line(tmp_path):
 
 
 def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
+    from conftest import seed
     from test_cifar_train import FAST, write_cifar
     write_cifar(tmp_path / "data", "cifar10")
-    proc = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", "0 1 0", "--dataset", "cifar10",
-                           "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16",
-                           "--ckpt", str(tmp_path / "sweep runs ü")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", f"{seed(0)} {seed(1)} {seed(0)}",
+                           "--dataset", "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs",
+                           "1", "-b", "16", "--ckpt", str(tmp_path / "sweep runs ü")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
                           env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="0.1 1e-4 0.1 1e-1", **FAST))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # A value given twice is one run: seeds 0 1 0 and lambdas 0.1 1e-4 0.1 1e-1 (0.1 again) are 2 x 2 runs.
-    assert proc.stdout.count("=== lambda 0.1, seed 0 ===") == 1 and "already finished" in proc.stdout
+    # A value given twice is one run: seeds a b a and lambdas 0.1 1e-4 0.1 1e-1 (0.1 again) are 2 x 2 runs.
+    assert proc.stdout.count(f"=== lambda 0.1, seed {seed(0)} ===") == 1 and "already finished" in proc.stdout
     accs = {}
     for lam in (0.1, 1e-4):
-        for s in (0, 1):
+        for s in (seed(0), seed(1)):
             run = tmp_path / "sweep runs ü" / f"cifar10-resnet20-simam-param{lam}-seed{s}"
             a = json.loads((run / "args.json").read_text())
             assert (a["attention_type"], a["attention_param"], a["seed"]) == ("simam", lam, s)
@@ -292,10 +294,10 @@ def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
         assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in row
 
     # Again, for one of its runs: the finished run is skipped, its folder untouched, and still plotted.
-    run = tmp_path / "sweep runs ü" / "cifar10-resnet20-simam-param0.1-seed0"
+    run = tmp_path / "sweep runs ü" / f"cifar10-resnet20-simam-param0.1-seed{seed(0)}"
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name not in ("log.txt", ".lock")}
-    again = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", "0", "--dataset", "cifar10",
-                            "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16",
+    again = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", str(seed(0)), "--dataset",
+                            "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16",
                             "--ckpt", str(tmp_path / "sweep runs ü")], cwd=ROOT, capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="0.1", **FAST))
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]

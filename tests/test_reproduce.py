@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import seed  # noqa: E402
 from main_imagenet import get_args_parser  # noqa: E402
 from main_imagenet import main as train_main  # noqa: E402
 from networks import create_net  # noqa: E402
@@ -30,8 +31,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "mo
 ATTS = ("none", "se", "cbam", "simam", "eca", "gc", "srm", "coordatt", "triplet")
 # Tiny overrides of the real configs: 32 px crops, 8-image batches, a learning rate that suits them.
 TINY = ["--epochs", "2", "-b", "4", "--lr", "0.01", "--train-crop-size", "32", "--val-resize-size", "36",
-        "--val-crop-size", "32", "-p", "100", "-j", "0", "--seed", "0"]
-RUN_NONE, RUN_SIMAM = "imagenet-resnet18-seed0", "imagenet-resnet18-simam-param0.1-seed0"
+        "--val-crop-size", "32", "-p", "100", "-j", "0", "--seed", str(seed(0))]
+RUN_NONE, RUN_SIMAM = f"imagenet-resnet18-seed{seed(0)}", f"imagenet-resnet18-simam-param0.1-seed{seed(0)}"
 
 
 def script(name):
@@ -64,6 +65,31 @@ def test_configs_carry_the_papers_recipe():
             assert (args.epochs, args.lr, args.cos_lr, args.weight_decay) == (150, 0.05, True, 4e-5), f
         else:  # step schedule: the trainer's default x0.1 every 30 epochs
             assert (args.epochs, args.lr, args.cos_lr, args.weight_decay) == (100, 0.1, False, 1e-4), f
+
+
+def test_mobilenet_v2_configs_replay_the_references_per_epoch_cosine():
+    """The reference stepped CosineAnnealingLR(T_max=epochs) *before* each epoch: epoch e trained at
+    t = e + 1, constant within the epoch, the last epoch at lr 0. Its values come from torch's own
+    scheduler here; the trainer's schedule must give them at every iteration of every epoch."""
+    import warnings
+    from utils.schedule import schedule_from_args
+    files = sorted(CONFIGS.glob("mobilenet_v2_*.toml"))
+    assert len(files) == 9
+    for f in files:
+        args = parse_args(get_args_parser(), ["--config", str(f)])
+        assert args.cos_lr and args.cos_ref_shift, f
+        iters = 5004  # ImageNet's full batches at 256 (any count: the reference's lr is per epoch)
+        lr_fn = schedule_from_args(args, iters)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+        for epoch in range(args.epochs):
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": the reference's order
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
+            want = opt.param_groups[0]["lr"]
+            for it in (0, 1, iters // 2, iters - 1):
+                assert math.isclose(lr_fn(epoch, it), want, rel_tol=1e-12, abs_tol=1e-15), (f.name, epoch, it)
+        assert lr_fn(args.epochs - 1, 0) == 0 and lr_fn(0, 0) < args.lr
 
 
 def test_flags_override_config_and_unknown_keys_are_named(tmp_path, capsys):
@@ -151,7 +177,8 @@ def test_curves_png_from_real_runs(e2e, tmp_path):
     fig = plot_curves.make_figure([read_run(r) for r in runs])
     acc, loss, lr = fig.axes
     labels = [line.get_label() for line in acc.lines]
-    assert labels[0].startswith("ResNet-18, seed 0: val (best") and labels[3] == "ResNet-18 + SimAM (λ=0.1), seed 0: train"
+    assert labels[0].startswith(f"ResNet-18, seed {seed(0)}: val (best")
+    assert labels[3] == f"ResNet-18 + SimAM (λ=0.1), seed {seed(0)}: train"
     for k, run in enumerate(runs):  # the plotted values are the runs' metrics
         rows = rows_of(run)
         assert list(acc.lines[2 * k].get_ydata()) == [r["val_acc1"] for r in rows]

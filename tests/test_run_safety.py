@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_same_weights, make_tiny_data, run_cli
+from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, seed
 
-RUN = "imagenet-resnet18-seed0"
+RUN = f"imagenet-resnet18-seed{seed(0)}"
 
 
 def ok(proc):
@@ -49,7 +49,7 @@ def data(tmp_path_factory):
 
 
 def args(data, ckpt, epochs, *extra):
-    return [data, *TINY, "-b", "2", "--lr", "0.01", "-j", "0", "--seed", "0", "--epochs", epochs,
+    return [data, *TINY, "-b", "2", "--lr", "0.01", "-j", "0", "--seed", seed(0), "--epochs", epochs,
             "--ckpt", ckpt, *extra]
 
 
@@ -75,9 +75,16 @@ def test_rerun_of_a_finished_run_is_a_noop_and_an_unfinished_one_is_refused(data
     assert snapshot(finished) == before
 
 
-def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, tmp_path):
-    ok(run_cli(args(data, tmp_path / "old", 1)))
-    older = tmp_path / "old" / RUN / "checkpoint.pth.tar"
+@pytest.fixture(scope="module")
+def after_one_epoch(data, tmp_path_factory):
+    """The same run stopped after its first epoch (a fresh run's first epoch is always its best)."""
+    ckpt = tmp_path_factory.mktemp("one_epoch")
+    ok(run_cli(args(data, ckpt, 1)))
+    return ckpt / RUN
+
+
+def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, after_one_epoch, tmp_path):
+    older = after_one_epoch / "checkpoint.pth.tar"
     before = snapshot(finished)
     err = one_line_error(run_cli(args(data, finished.parent, 3, "--resume", older)))
     assert "older than" in err and "epoch 1/3" in err and "epoch 2/3" in err
@@ -88,7 +95,7 @@ def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, t
 
 
 def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in args(data, tmp_path, 3)]
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -108,32 +115,58 @@ def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
 
-def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, tmp_path):
-    """The state a kill right after the epoch-2 checkpoint leaves: model_best still at epoch 1 (or
-    missing), the epoch-2 row half written, a temporary file of the save. A resume makes it whole."""
+def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, after_one_epoch, tmp_path):
+    """The state a kill right after the epoch-2 checkpoint leaves: model_best still the epoch-1 file
+    (whichever epoch is best: the copy of a better epoch 2 had not happened yet), the epoch-2 row half
+    written, a temporary file of the save. A resume makes it whole, whatever epoch is best."""
     run = tmp_path / RUN
     shutil.copytree(finished, run)
     full = rows(finished)
     ck = load(run / "checkpoint.pth.tar")
+    shutil.copyfile(after_one_epoch / "checkpoint.pth.tar", run / "model_best.pth.tar")
     (run / "metrics.jsonl").write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:25])
-    if ck["best_epoch"] == 2:  # the copy after the checkpoint never happened; else model_best is an earlier epoch's
-        (run / "model_best.pth.tar").unlink()
     (run / ".checkpoint.pth.tar.12345.tmp").write_bytes(b"half a checkpoint")
     proc = ok(run_cli(args(data, tmp_path, 3, "--resume", run / "checkpoint.pth.tar")))
     assert "removed a stale temporary file" in proc.stdout
     assert not (run / ".checkpoint.pth.tar.12345.tmp").exists()
+    restored = "model_best.pth.tar was behind the checkpoint" in proc.stdout
+    assert restored == (ck["best_epoch"] == 2), proc.stdout[-2000:]  # only a better epoch 2 needs the copy
     got = rows(run)
     assert [r["epoch"] for r in got] == [1, 2, 3] and got[:2] == full
+    final = load(run / "checkpoint.pth.tar")
     best = load(run / "model_best.pth.tar")
-    assert best["epoch"] == load(run / "checkpoint.pth.tar")["best_epoch"]
-    assert best["best_acc1"] == max(r["val_acc1"] for r in got)
-    if ck["best_epoch"] == 2 and best["epoch"] == 2:  # restored from the checkpoint, not retrained
-        assert_same_weights(ck, best)
+    assert best["epoch"] == final["best_epoch"] and best["best_acc1"] == max(r["val_acc1"] for r in got)
+    assert got[best["epoch"] - 1]["val_acc1"] == best["best_acc1"]
+    assert_same_weights({1: load(after_one_epoch / "checkpoint.pth.tar"), 2: ck, 3: final}[best["epoch"]], best)
+
+
+@pytest.mark.parametrize("best_epoch", [1, 2])
+def test_a_missing_model_best_is_restored_from_the_checkpoint_or_said_to_be_lost(tmp_path, best_epoch):
+    """repair(): model_best gone after epoch 2. When epoch 2 is best the checkpoint holds its weights
+    and is copied; when epoch 1 was, they are in no file: one line says so and nothing is made up."""
+    from utils import runfolder
+    ckpt = {"epoch": 2, "iteration": 0, "best_epoch": best_epoch, "best_acc1": 50.0,
+            "metrics": [{"epoch": 1}, {"epoch": 2}], "state_dict": {"w": torch.ones(2)}}
+    torch.save(ckpt, tmp_path / "checkpoint.pth.tar")
+    runfolder.write_rows(tmp_path / "metrics.jsonl", ckpt["metrics"])  # the rows are whole: only model_best is off
+    said = []
+    runfolder.repair(tmp_path, ckpt, True, said.append)
+    assert [r["epoch"] for r in rows(tmp_path)] == [1, 2]
+    if best_epoch == 2:
+        assert load(tmp_path / "model_best.pth.tar")["epoch"] == 2
+        assert said == ["model_best.pth.tar was behind the checkpoint (a kill between the two writes): copied epoch 2"]
+    else:
+        assert not (tmp_path / "model_best.pth.tar").exists()
+        assert len(said) == 1 and said[0].startswith("warning: ") and "cannot be restored" in said[0]
+        assert "best epoch 1" in said[0] and str(tmp_path / "model_best.pth.tar") in said[0]
+    said.clear()
+    runfolder.repair(tmp_path, ckpt, True, said.append)  # the next resume: restored stays restored
+    assert len(said) == (0 if best_epoch == 2 else 1)
 
 
 def run_until(cmd, marker, sig, timeout=180):
     """Start `cmd`, send `sig` once a stdout line contains `marker`; returns (returncode, stdout, stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines, deadline = [], time.time() + timeout
     try:
@@ -186,7 +219,7 @@ def test_sigterm_to_every_process_of_the_job_with_loader_workers(data, finished,
     with 2 workers ends with the weights of the uninterrupted run with none."""
     cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [
         str(a) for a in args(data, tmp_path, 2, "-p", "1", "-j", "2")]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -226,10 +259,10 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
         port = s.getsockname()[1]
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="4242",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="1", WORKERS="0",
-               PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+               PORT=str(port), PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
     ckpt = tmp_path / "my runs ü"  # a path with a space and a non-ASCII letter, whole through every step
     cmd = ["bash", str(ROOT / "scripts" / "slurm_train.sh"), "none", str(data), *TINY[:-2], "-p", "1", "-b", "2",
-           "--lr", "0.01", "--seed", "0", "--epochs", "2", "--ckpt", str(ckpt)]
+           "--lr", "0.01", "--seed", str(seed(0)), "--epochs", "2", "--ckpt", str(ckpt)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

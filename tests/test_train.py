@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, assert_same_weights, make_tiny_data, run_cli
+from conftest import TINY, assert_same_weights, make_tiny_data, run_cli, seed
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                "epoch_time", "images_per_sec"}
 SIMAM = ["--attention_type", "simam", "--attention_param", "0.1"]
-RUN = "imagenet-resnet18-simam-param0.1-seed0"
+RUN = f"imagenet-resnet18-simam-param0.1-seed{seed(0)}"
 
 
 def ok(proc):
@@ -44,7 +44,7 @@ def acc_line(proc):
 
 
 def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
-    args = [tiny_data, *TINY, *SIMAM, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", "0"]
+    args = [tiny_data, *TINY, *SIMAM, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", seed(0)]
 
     # Two uninterrupted epochs.
     a = ok(run_cli(args + ["--epochs", "2", "--ckpt", tmp_path / "a"]))
@@ -56,7 +56,7 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and all(METRIC_KEYS <= set(r) for r in rows)
     assert "Epoch 2/2" in (run_a / "log.txt").read_text()
     settings = json.loads((run_a / "args.json").read_text())
-    assert settings["batch_size"] == 8 and settings["attention_param"] == 0.1 and settings["seed"] == 0
+    assert settings["batch_size"] == 8 and settings["attention_param"] == 0.1 and settings["seed"] == seed(0)
     ck = load(run_a / "checkpoint.pth.tar")
     assert ck["epoch"] == 2 and ck["arch"] == "resnet18" and ck["attention_type"] == "simam"
     assert ck["attention_param"] == 0.1 and ck["best_acc1"] == max(r["val_acc1"] for r in rows)
@@ -92,9 +92,9 @@ def ddp_run(tmp_path_factory):
     for f in sorted((data / "val" / "disc").iterdir())[:2]:
         f.unlink()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = run_cli([data, *TINY, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", "1", "--epochs", "1",
+    proc = run_cli([data, *TINY, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", seed(1), "--epochs", "1",
                     "--ckpt", tmp / "ck"], launcher=launcher, timeout=300)
-    return data, tmp / "ck" / "imagenet-resnet18-seed1", ok(proc)
+    return data, tmp / "ck" / f"imagenet-resnet18-seed{seed(1)}", ok(proc)
 
 
 def test_torchrun_ddp_validation_equals_single_process(ddp_run):
@@ -108,6 +108,23 @@ def test_torchrun_ddp_validation_equals_single_process(ddp_run):
     assert count == 7  # every image once, no padding duplicates
     assert top1 == f"{row['val_acc1']:.3f}" and top5 == f"{row['val_acc5']:.3f}"
     assert loss == pytest.approx(row["val_loss"], rel=1e-4)
+
+
+def test_nproc_equals_torchrun_bit_for_bit(ddp_run, tmp_path):
+    """`--nproc 2` starts its two gloo ranks itself (torch.multiprocessing); the run equals torchrun's
+    with two processes: weights, momentum buffers and every recorded figure but the clock."""
+    data, run_dir, _ = ddp_run
+    proc = ok(run_cli([data, *TINY, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", seed(1), "--epochs", "1",
+                       "--nproc", "2", "--ckpt", tmp_path], timeout=300))
+    mine = tmp_path / run_dir.name
+    assert proc.stdout.count("Epoch 1/1:") == 1 and proc.stdout.count("data:") == 1  # only rank 0 prints
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr
+    assert json.loads((mine / "args.json").read_text())["world_size"] == 2
+    assert_same_weights(load(run_dir / "checkpoint.pth.tar"), load(mine / "checkpoint.pth.tar"), momentum=True)
+    clock = {"epoch_time", "images_per_sec"}
+    want, got = metrics(run_dir), metrics(mine)
+    assert [{k: v for k, v in r.items() if k not in clock} for r in got] == \
+        [{k: v for k, v in r.items() if k not in clock} for r in want]
 
 
 def reference_format(ck, path):
@@ -159,15 +176,15 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     bad_val = sorted((data / "val" / "h_stripes").iterdir())[1]
     bad_train.write_bytes(b"not a jpeg at all")
     bad_val.write_bytes(bad_val.read_bytes()[:100])  # truncated
-    proc = ok(run_cli([data, *TINY, "-b", "8", "-j", "1", "--seed", "0", "--epochs", "1", "--ckpt", tmp_path / "ck"]))
+    proc = ok(run_cli([data, *TINY, "-b", "8", "-j", "1", "--seed", seed(0), "--epochs", "1", "--ckpt", tmp_path / "ck"]))
     assert f"skipped unreadable image: {bad_train}" in proc.stdout
     assert f"skipped unreadable image: {bad_val}" in proc.stdout
-    assert metrics(tmp_path / "ck" / "imagenet-resnet18-seed0")[0]["skipped_images"] == 2
+    assert metrics(tmp_path / "ck" / f"imagenet-resnet18-seed{seed(0)}")[0]["skipped_images"] == 2
 
     for f in (data / "val").rglob("*.JPEG"):  # nothing readable left: a clear stop, not a hang
         f.write_bytes(b"junk")
     err = one_line_error(run_cli([data, *TINY, "-b", "8", "-j", "1", "-e", "--resume",
-                                  tmp_path / "ck" / "imagenet-resnet18-seed0" / "checkpoint.pth.tar"]))
+                                  tmp_path / "ck" / f"imagenet-resnet18-seed{seed(0)}" / "checkpoint.pth.tar"]))
     assert "unreadable images in a row" in err
 
 

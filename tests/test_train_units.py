@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import main_imagenet
-from conftest import ROOT, TINY, make_tiny_data
+from conftest import ROOT, TINY, make_tiny_data, seed
 from networks import create_net
 from utils import UserError
 from utils.args import get_args_parser, parse_args, run_name
@@ -101,19 +101,53 @@ def test_a_resumed_epoch_starts_at_its_batch_without_loading_the_others(tiny_dat
 
 # ---- the loop --------------------------------------------------------------------------------
 
-def test_training_lowers_the_loss(tiny_data, one_thread):
-    """Single process, CPU, generated images without augmentation, full-batch steps: it fits them."""
-    torch.manual_seed(0)
+def test_an_epoch_is_plain_sgd_steps_and_reports_their_mean_loss(tiny_data, one_thread):
+    """train_one_epoch against the same steps written out by hand on a copy of the model (same
+    batches, same lr): equal weights bit for bit and the mean loss of its steps, whatever they are."""
+    import copy
+    from torch.nn import functional as F
+    from utils.engine import _unpack
+    torch.manual_seed(seed(0))
     _, val_tf = imagenet_transforms(32, 36, 32)
     ds = SafeImageFolder(tiny_data / "train", val_tf)
-    loader = EpochLoader(ds, len(ds), 0, seed=0, collate_fn=collate_skipping)
+    loader = EpochLoader(ds, 8, 0, seed=seed(0), collate_fn=collate_skipping)
     model = create_net("resnet18", "simam", 0.1, num_classes=3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    losses = [train_one_epoch(model, loader(e), torch.nn.CrossEntropyLoss(), opt, lambda e, i: 0.01, e,
-                              torch.device("cpu"))["loss"] for e in range(6)]
-    assert losses[0] > 0.9 and losses[-1] < 0.1 * losses[0], losses
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    lr_fn = lambda e, i: 0.01 / (1 + e + i)  # noqa: E731  (a different lr every step)
+    cpu = torch.device("cpu")
+    for e in range(2):
+        got = train_one_epoch(model, loader(e), torch.nn.CrossEntropyLoss(), opt, lr_fn, e, cpu)
+        twin.train()
+        losses = []
+        for i, batch in enumerate(loader(e)):
+            images, target, _ = _unpack(batch, cpu, False)
+            twin_opt.param_groups[0]["lr"] = lr_fn(e, i)
+            loss = F.cross_entropy(twin(images), target)
+            twin_opt.zero_grad()
+            loss.backward()
+            twin_opt.step()
+            losses.append(loss.item() * len(target))
+        assert got["images"] == len(ds) == 24 and len(losses) == 3
+        assert math.isclose(got["loss"], sum(losses) / 24, rel_tol=1e-12)
+        for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+            assert torch.equal(a, b)
     val = evaluate(model, EpochLoader(ds, 5, 0, 0, train=False, collate_fn=collate_skipping)(), "cpu")
     assert val["count"] == len(ds) == 24 and math.isfinite(val["loss"])
+
+
+def test_evaluation_of_a_float64_model_stays_float64():
+    """Logits are cast to float32 only when autocast made them half; float64 ones keep their digits."""
+    from torch.nn import functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7)).double()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64) * 30  # large logits: float32 would lose ~1e-7
+    y = torch.randint(0, 7, (6,))
+    val = evaluate(model, [(x[:4], y[:4]), (x[4:], y[4:])], torch.device("cpu"))
+    with torch.no_grad():
+        want = F.cross_entropy(model(x), y).item()
+    assert math.isclose(val["loss"], want, rel_tol=1e-14), (val["loss"], want)
 
 
 def test_non_finite_loss_raises():

@@ -54,7 +54,11 @@ def get_args_parser(description="Train or evaluate an image classifier", add_hel
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate the --resume checkpoint and exit")
     p.add_argument("--ckpt", default="checkpoints", metavar="DIR", help="folder of run folders (default: checkpoints)")
     p.add_argument("--gpu", default=None, metavar="IDS",
-                   help="GPU ids, e.g. 0 or 0,1,2,3 (one process uses the first; -1: CPU)")
+                   help="GPU ids, e.g. 0 or 0,1,2,3: one DDP process per listed GPU, started by this command "
+                        "(under torchrun: local rank i uses the i-th); -1: CPU")
+    p.add_argument("--nproc", default=None, type=int, metavar="N",
+                   help="start N DDP processes on this machine (torch.multiprocessing; gloo on the CPU, the "
+                        "first N GPUs of --gpu otherwise); -b stays the total batch")
     p.add_argument("--save-every-minutes", default=None, type=float, metavar="M", dest="save_every_minutes",
                    help="also write the checkpoint every M minutes inside an epoch (long epochs)")
     p.add_argument("--save_weights", default=None, metavar="PATH",

@@ -258,7 +258,8 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
         skipped += bad
         with _autocast(device, amp_dtype):
             output = model(images)
-        output = output.float()
+        if output.dtype in (torch.float16, torch.bfloat16):  # autocast's half logits; float64 stays float64
+            output = output.float()
         loss_sum += F.cross_entropy(output, target, reduction="none").double().sum()
         top_k = min(5, output.shape[1])  # fewer than 5 classes: top-all, and labelled so
         k1, k5 = _topk_correct(output, target, (1, top_k))

@@ -195,8 +195,14 @@ def repair(run_dir, ckpt, own, log):
             if "metrics" in ckpt else f"metrics.jsonl: kept the {want} rows up to epoch {done}")
     write_rows(run_dir / METRICS, rows)
     best_epoch = ckpt.get("best_epoch")
-    if own and best_epoch is not None and best_epoch == done and progress(ckpt)[1] == 0:
-        best = peek(run_dir / BEST) if (run_dir / BEST).is_file() else None
+    if not own or best_epoch is None:
+        return
+    best = peek(run_dir / BEST) if (run_dir / BEST).is_file() else None
+    at = progress(ckpt)
+    if best_epoch == done and at[1] == 0:
         if best is None or progress(best)[0] != best_epoch:
             copy_atomic(run_dir / CHECKPOINT, run_dir / BEST)
             log(f"{BEST} was behind the checkpoint (a kill or a full disk between the two writes): copied epoch {done}")
+    elif best is None:  # its weights are in no other file: say so once, train on
+        log(f"warning: {run_dir / BEST} is missing and cannot be restored (best epoch {best_epoch}, the checkpoint "
+            f"is at epoch {done}{f' + {at[1]} iterations' if at[1] else ''}): the next better epoch writes it again")

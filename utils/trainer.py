@@ -24,7 +24,7 @@ from .checkpoint import (best_acc, check_identity, load_checkpoint, load_model_w
                          rng_state, save_atomic, set_rng_state)
 from .data import EpochLoader
 from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
-                          init_distributed)
+                          init_distributed, processes_to_start, spawn)
 from .engine import NonFiniteLossError, Stepper, evaluate, train_one_epoch
 from .logger import RunLogger
 from .mixing import batch_mix
@@ -188,7 +188,15 @@ def run(args, task):
         return save_weights(args, task)
     gpu_ids = parse_gpu_ids(args.gpu)
     check_device(args, gpu_ids)
-    info = init_distributed(gpu_ids)
+    nproc = processes_to_start(getattr(args, "nproc", None), gpu_ids)
+    if nproc > 1:  # --nproc N / --gpu 0,1,2,3 without torchrun: this command starts the ranks itself
+        return spawn(nproc, run_rank, args, task, gpu_ids)
+    return run_rank(args, task, gpu_ids)
+
+
+def run_rank(args, task, gpu_ids, store=None):
+    """One rank of the run (the only one without DDP); store: utils.distributed.spawn's rendezvous."""
+    info = init_distributed(gpu_ids, store)
     result = _run(args, task, info, gpu_ids)
     # Only on success: after an error on one rank, destroy_process_group could wait forever for
     # the others; exiting non-zero instead lets torchrun stop the whole job.
@@ -201,9 +209,6 @@ def _run(args, task, info, gpu_ids):
     logger = RunLogger(enabled=info.is_main)
     if args.batch_size % info.world_size:
         raise UserError(f"-b {args.batch_size} (the total batch) is not divisible by {info.world_size} processes")
-    if gpu_ids and len(gpu_ids) > 1 and not info.distributed and device.type == "cuda":
-        logger.info(f"note: --gpu {args.gpu}: one process trains on one GPU ({device}); for all "
-                    f"{len(gpu_ids)} run `torchrun --nproc_per_node={len(gpu_ids)} {Path(sys.argv[0]).name} ...`")
     batch = args.batch_size // info.world_size
     workers = math.ceil(args.workers / info.local_world_size)
 

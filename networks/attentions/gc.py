@@ -8,7 +8,7 @@
 
 All convs have biases. C/r is floor(C / r), at least 1 (as SE). The last conv starts at zero
 (`init_weights`, as GCNet does), so a new block adds nothing until it learns a context.
-The softmax runs in float32 for float16/bfloat16 inputs.
+The softmax runs in float32 for float16/bfloat16 inputs; float32 and float64 inputs keep their dtype.
 """
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ class GCModule(nn.Module):
 
     def forward(self, x):
         n, c, h, w = x.shape
-        a = torch.softmax(self.conv_mask(x).view(n, h * w, 1).float(), dim=1).to(x.dtype)  # [N, HW, 1]
+        logits = self.conv_mask(x).view(n, h * w, 1)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # half: softmax in float32; float64 stays float64
+            logits = logits.float()
+        a = torch.softmax(logits, dim=1).to(x.dtype)  # [N, HW, 1]
         context = torch.bmm(x.reshape(n, c, h * w), a).view(n, c, 1, 1)
         return x + self.transform(context)

@@ -1,0 +1,148 @@
+"""Runs that start their own DDP ranks (--nproc N, or --gpu 0,1,.. on a GPU machine; torch.multiprocessing):
+two at once, a stop by signal to the launching process and the resume, a rank that dies. The equality
+with torchrun is in test_train.py (test_nproc_equals_torchrun_bit_for_bit)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, seed
+
+RUN = f"imagenet-resnet18-seed{seed(2)}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("spawn") / "data")  # 24 images: 6 steps of 2 per rank at -b 4
+
+
+def cmd(data, ckpt, *extra):
+    return [sys.executable, str(ROOT / "main_imagenet.py"), str(data), *TINY, "-b", "4", "--lr", "0.01", "-j", "0",
+            "--seed", str(seed(2)), "--epochs", "2", "--nproc", "2", "-p", "1", "--ckpt", str(ckpt),
+            *map(str, extra)]
+
+
+def start(argv):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def read_until(proc, marker, timeout=300):
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+        assert time.time() < deadline, "".join(lines)
+    pytest.fail(f"{marker!r} never printed:\n{''.join(lines)[-2000:]}\n{proc.stderr.read()[-3000:]}")
+
+
+def finish(proc, timeout=300):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out, err
+
+
+def ranks_of(pid):
+    """The rank processes a launcher started (its spawn children, not multiprocessing's resource tracker)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_exactly(data, tmp_path):
+    """Two --nproc 2 runs at the same time (each picks its own free port). SIGTERM to one launcher
+    reaches both of its ranks, which save mid-epoch and stop (exit 143); the resume ends with the
+    uninterrupted run's weights and figures."""
+    whole = start(cmd(data, tmp_path / "whole"))
+    stopped = start(cmd(data, tmp_path / "stopped"))
+    read_until(stopped, "Epoch: [2][1/6]")
+    os.kill(stopped.pid, signal.SIGTERM)  # the launcher alone, as a scheduler or `kill` would
+    out, err = finish(stopped)
+    assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert out.count("stopped by SIGTERM at epoch 2, iteration") == 1 and "Traceback" not in err, (out, err)
+    run = tmp_path / "stopped" / RUN
+    ck = load(run / "checkpoint.pth.tar")
+    assert ck["epoch"] == 1 and 1 <= ck["iteration"] < 6 and [r["epoch"] for r in rows(run)] == [1]
+
+    out_w, err_w = finish(whole)
+    assert whole.returncode == 0, err_w[-3000:]
+    proc = run_cli(cmd(data, tmp_path / "stopped", "--resume", run / "checkpoint.pth.tar")[2:], timeout=300)
+    assert proc.returncode == 0 and "=> resumed from" in proc.stdout, proc.stderr[-3000:]
+    ref = tmp_path / "whole" / RUN
+    assert_same_weights(load(ref / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"), momentum=True)
+    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5"):
+        assert [r[key] for r in rows(run)] == [r[key] for r in rows(ref)], key
+
+
+def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground group, launcher and ranks: the ranks stop at
+    one iteration as on SIGTERM, rank 0 saves, and the command exits 130."""
+    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    read_until(proc, "Epoch: [1][1/6]")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
+    assert proc.returncode == 128 + signal.SIGINT, (out[-2000:], err[-3000:])
+    assert out.count("stopped by SIGTERM at epoch 1, iteration") == 1 and "Traceback" not in err, err[-3000:]
+    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    assert ck["epoch"] == 0 and 1 <= ck["iteration"] < 6
+
+
+def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
+    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    read_until(proc, "Epoch: [1][1/6]")
+    ranks = ranks_of(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[-1], signal.SIGKILL)  # as the kernel's OOM killer would
+    out, err = finish(proc)
+    assert proc.returncode == 1, (out[-2000:], err[-3000:])
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("error: rank ") and "ended (killed by SIGKILL); the other ranks were stopped" in lines[0]
+    for pid in ranks:  # none left behind
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_nproc_is_refused_under_torchrun_and_checked(monkeypatch):
+    from utils import UserError
+    from utils.distributed import processes_to_start
+    with pytest.raises(UserError, match="--nproc must be at least 1, got 0"):
+        processes_to_start(0, [])
+    assert processes_to_start(None, []) == processes_to_start(None, None) == 1
+    assert processes_to_start(3, []) == 3  # --gpu -1: gloo ranks on the CPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="torchrun started this process as one of 2"):
+        processes_to_start(2, [])
+
+
+def test_every_scripts_task_travels_to_spawned_ranks():
+    """spawn pickles the Task for its processes: no closures or lambdas in any script's."""
+    import pickle
+
+    import main_cifar
+    import main_coco
+    import main_imagenet
+    from utils.args import parse_args
+    cifar = parse_args(main_cifar.get_args_parser(), ["--dataset", "cifar10", "--nproc", "2"])
+    coco = main_coco.resolve_defaults(parse_args(main_coco.get_args_parser(), ["DATA", "--nproc", "2"]))
+    for task in (main_imagenet.TASK, main_cifar.make_task(cifar), main_coco.make_task(coco)):
+        again = pickle.loads(pickle.dumps(task))
+        assert again.name == task.name and again.loader.__module__ == task.loader.__module__
+    assert (cifar.nproc, coco.nproc) == (2, 2)
