@@ -154,7 +154,7 @@ def test_a_missing_model_best_is_restored_from_the_checkpoint_or_said_to_be_lost
     assert [r["epoch"] for r in rows(tmp_path)] == [1, 2]
     if best_epoch == 2:
         assert load(tmp_path / "model_best.pth.tar")["epoch"] == 2
-        assert said == ["model_best.pth.tar was behind the checkpoint (a kill between the two writes): copied epoch 2"]
+        assert said == ["model_best.pth.tar was behind the checkpoint (a kill or a full disk between the two writes): copied epoch 2"]
     else:
         assert not (tmp_path / "model_best.pth.tar").exists()
         assert len(said) == 1 and said[0].startswith("warning: ") and "cannot be restored" in said[0]

@@ -197,20 +197,85 @@ def run(args, task):
 def run_rank(args, task, gpu_ids, store=None):
     """One rank of the run (the only one without DDP); store: utils.distributed.spawn's rendezvous."""
     info = init_distributed(gpu_ids, store)
-    result = _run(args, task, info, gpu_ids)
+    result = _run(args, task, info)
     # Only on success: after an error on one rank, destroy_process_group could wait forever for
     # the others; exiting non-zero instead lets torchrun stop the whole job.
     cleanup()
     return result
 
 
-def _run(args, task, info, gpu_ids):
+def _run(args, task, info):
+    """One rank's run, in phases that read top to bottom. Every cheap check comes before the model is
+    built or any data is read, so bad input fails in seconds."""
+    job = set_up(args, task, info)  # checks, classes, checkpoint, seed, run folder
+    if job.finished is not None:
+        return job.finished
+    nets = build_model(args, task, info, job)  # the net (checkpoint weights), SyncBN, EMA, compile, DDP
+    train_set, val_set = task.datasets(args, train=not args.evaluate)
+    val_loader = make_loader(task, val_set, job, info, train=False)
+    if args.evaluate:
+        return evaluate_checkpoint(args, task, job, nets, val_loader)
+    train_loader = make_loader(task, train_set, job, info, train=True)
+    if len(train_loader) == 0:
+        raise UserError(f"{len(train_set)} training images give no full batch of {job.batch} per process; lower -b")
+    opt = build_optimization(args, task, job, nets, len(train_loader))  # optimizer, scaler, stepper, lr
+    progress = resume_progress(args, task, info, job, opt)
+    train_epochs(args, task, info, job, nets, opt, progress, train_loader, val_loader)
+    return report(task, job, progress)
+
+
+@dataclass
+class Job:
+    """What set_up decided for this rank."""
+    device: torch.device
+    logger: RunLogger
+    batch: int  # per rank
+    workers: int  # per rank
+    classes: list
+    ckpt: dict  # the --resume checkpoint, or None (dropped once resumed)
+    seed: int
+    mix: Callable  # MixUp/CutMix of each training batch, or None
+    amp_dtype: torch.dtype
+    run_dir: Path = None  # None under -e
+    folder_lock: object = None  # rank 0's lock of run_dir
+    finished: dict = None  # the result when the run folder is already finished
+
+
+@dataclass
+class Nets:
+    raw: nn.Module  # the module whose state_dict is saved (no DDP / compile prefixes)
+    eval_model: nn.Module  # raw, compiled with --compile
+    train_model: nn.Module  # eval_model, in DDP when distributed
+    ema: nn.Module = None  # --model-ema's average (utils.optim.ExponentialMovingAverage)
+
+
+@dataclass
+class Optimization:
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object  # the fp16 GradScaler, or None
+    stepper: Stepper
+    lr_fn: Callable  # (epoch, optimizer step) -> lr
+    loop_kwargs: dict  # what the classifiers' loop takes beyond utils.engine's common arguments
+
+
+@dataclass
+class Progress:
+    """Where the run is; a checkpoint carries all of it."""
+    start_epoch: int = 0
+    start_iter: int = 0  # batches of start_epoch already done (a mid-epoch checkpoint)
+    sums: dict = None  # that epoch's running sums over all ranks (rank 0 carries them on)
+    best: float = 0.0
+    best_epoch: int = None
+    best_of: str = None  # "model" or "ema" on EMA runs
+    rows: list = None  # metrics.jsonl's rows
+
+
+def set_up(args, task, info):
     device = info.device
     logger = RunLogger(enabled=info.is_main)
     if args.batch_size % info.world_size:
         raise UserError(f"-b {args.batch_size} (the total batch) is not divisible by {info.world_size} processes")
-    batch = args.batch_size // info.world_size
-    workers = math.ceil(args.workers / info.local_world_size)
 
     # Cheap checks and data preparation first (rank 0 may generate the demo data; others wait).
     classes = task.classes(args) if info.is_main else None
@@ -228,29 +293,38 @@ def _run(args, task, info, gpu_ids):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = args.seed is not None
-
-    run_dir = folder_lock = None
+    job = Job(device, logger, args.batch_size // info.world_size, math.ceil(args.workers / info.local_world_size),
+              classes, ckpt, seed, mix, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])
     if not args.evaluate:
-        run_dir = Path(args.ckpt) / run_name(task.name, args.arch, args.attention_type,
-                                              effective_param(args), args.seed)
-        state, folder_lock = open_run_folder(run_dir, args, ckpt, info, logger)
-        if state == "finished":  # the usual last line too: launchers and sweeps read it
-            best = state_best(run_dir)
-            logger.info(f"done: best {task.best_label} {best:.3f}; run folder: {run_dir}")
-            return {"best_acc1": best, "run_dir": run_dir, "finished": True}
-        if info.is_main:
-            settings = dict(vars(args), seed_used=seed, world_size=info.world_size, classes=len(classes))
-            runfolder.write_text_atomic(run_dir / "args.json", json.dumps(settings, indent=2, default=str) + "\n")
-        logger = RunLogger(run_dir, enabled=info.is_main)
-        logger.info(f"run folder: {run_dir}")
-        logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=seed), default=str)}")
-        if len(classes) == 1:
-            logger.info("warning: the data has 1 class: every accuracy will be 100%")
+        open_run(args, task, info, job)
+    return job
 
-    model = task.model(args, len(classes))
+
+def open_run(args, task, info, job):
+    """The run folder: locked, decided (new, resume or finished), args.json, and the logger that writes log.txt."""
+    job.run_dir = Path(args.ckpt) / run_name(task.name, args.arch, args.attention_type, effective_param(args), args.seed)
+    state, job.folder_lock = open_run_folder(job.run_dir, args, job.ckpt, info, job.logger)
+    if state == "finished":  # the usual last line too: launchers and sweeps read it
+        best = state_best(job.run_dir)
+        job.logger.info(f"done: best {task.best_label} {best:.3f}; run folder: {job.run_dir}")
+        job.finished = {"best_acc1": best, "run_dir": job.run_dir, "finished": True}
+        return
+    if info.is_main:
+        settings = dict(vars(args), seed_used=job.seed, world_size=info.world_size, classes=len(job.classes))
+        runfolder.write_text_atomic(job.run_dir / "args.json", json.dumps(settings, indent=2, default=str) + "\n")
+    job.logger = RunLogger(job.run_dir, enabled=info.is_main)
+    job.logger.info(f"run folder: {job.run_dir}")
+    job.logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=job.seed), default=str)}")
+    if len(job.classes) == 1:
+        job.logger.info("warning: the data has 1 class: every accuracy will be 100%")
+
+
+def build_model(args, task, info, job):
+    device, logger = job.device, job.logger
+    model = task.model(args, len(job.classes))
     print_model_summary(model, args, task, logger)
-    if ckpt is not None:
-        load_model_weights(model, ckpt, args.resume)
+    if job.ckpt is not None:
+        load_model_weights(model, job.ckpt, args.resume)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -261,84 +335,97 @@ def _run(args, task, info, gpu_ids):
             raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU")
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm
-    raw = model  # the module whose state_dict is saved (no DDP / compile prefixes)
-    ema = ema_from(args, raw, ckpt, info.world_size, batch, device, logger)
-    eval_model = torch.compile(raw) if args.compile else raw
+    ema = ema_from(args, model, job.ckpt, info.world_size, job.batch, device, logger)
+    eval_model = torch.compile(model) if args.compile else model
     train_model = eval_model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(eval_model, device_ids=[device] if device.type == "cuda" else None)
+    return Nets(model, eval_model, train_model, ema)
 
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    train_set, val_set = task.datasets(args, train=not args.evaluate)
-    pin = device.type == "cuda"
-    val_loader = task.loader(val_set, batch, workers, seed, info.rank, info.world_size, train=False,
-                             pin_memory=pin, collate_fn=task.collate_fn)
-    summary, val_row = task.summary or classification_summary, task.val_row or classification_val_row
 
-    if args.evaluate:
-        va = task.evaluate(eval_model, val_loader(0), device, amp_dtype=amp_dtype,
-                           channels_last=args.channels_last, logger=logger)
-        logger.info(task.eval_line(va, args.resume) if task.eval_line else
-                    f" * {summary(va)} ({va['count']} images, {args.resume})")
-        if va["skipped"]:
-            logger.info(f"   {va['skipped']} unreadable images were skipped")
-        if ema is not None:  # an EMA run's checkpoint: its average too
-            va["ema"] = task.evaluate(ema.module, val_loader(0), device, amp_dtype=amp_dtype,
-                                      channels_last=args.channels_last, logger=logger, desc="val EMA")
-            logger.info(f" * EMA {summary(va['ema'])} ({va['ema']['count']} images, {args.resume})")
-        return va
+def make_loader(task, dataset, job, info, train):
+    return task.loader(dataset, job.batch, job.workers, job.seed, info.rank, info.world_size, train=train,
+                       pin_memory=job.device.type == "cuda", collate_fn=task.collate_fn)
 
-    train_loader = task.loader(train_set, batch, workers, seed, info.rank, info.world_size, train=True,
-                               pin_memory=pin, collate_fn=task.collate_fn)
-    if len(train_loader) == 0:
-        raise UserError(f"{len(train_set)} training images give no full batch of {batch} per process; lower -b")
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = make_optimizer(raw, args)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    accum = getattr(args, "grad_accum_steps", 1)
-    stepper = Stepper(optimizer, scaler, accum, getattr(args, "clip_grad_norm", None), ema,
-                      getattr(args, "model_ema_steps", 1), args.warmup_epochs)
-    lr_fn = task.schedule(args, stepper.steps(len(train_loader)))  # the schedule counts optimizer steps
+
+def validate(args, task, job, model, loader, desc=None):
+    return task.evaluate(model, loader, job.device, amp_dtype=job.amp_dtype, channels_last=args.channels_last,
+                         logger=job.logger, **({"desc": desc} if desc else {}))
+
+
+def evaluate_checkpoint(args, task, job, nets, val_loader):
+    """-e: the checkpoint's model, and its EMA when it holds one."""
+    summary, logger = task.summary or classification_summary, job.logger
+    va = validate(args, task, job, nets.eval_model, val_loader(0))
+    logger.info(task.eval_line(va, args.resume) if task.eval_line else
+                f" * {summary(va)} ({va['count']} images, {args.resume})")
+    if va["skipped"]:
+        logger.info(f"   {va['skipped']} unreadable images were skipped")
+    if nets.ema is not None:
+        va["ema"] = validate(args, task, job, nets.ema.module, val_loader(0), "val EMA")
+        logger.info(f" * EMA {summary(va['ema'])} ({va['ema']['count']} images, {args.resume})")
+    return va
+
+
+def build_optimization(args, task, job, nets, iters_per_epoch):
+    optimizer = make_optimizer(nets.raw, args)
+    scaler = torch.amp.GradScaler(job.device.type) if args.amp == "fp16" else None
+    stepper = Stepper(optimizer, scaler, getattr(args, "grad_accum_steps", 1), getattr(args, "clip_grad_norm", None),
+                      nets.ema, getattr(args, "model_ema_steps", 1), args.warmup_epochs)
+    lr_fn = task.schedule(args, stepper.steps(iters_per_epoch))  # the schedule counts optimizer steps
     # The classifiers' loop takes the recipe's stepper and MixUp/CutMix; main_coco's loop has its own.
-    step_kwargs = {"stepper": stepper, "mix": mix} if hasattr(args, "grad_accum_steps") else {}
+    loop_kwargs = {"stepper": stepper, "mix": job.mix} if hasattr(args, "grad_accum_steps") else {}
+    return Optimization(nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer, scaler, stepper,
+                        lr_fn, loop_kwargs)
 
-    start_epoch, start_iter, sums, best_acc1, best_epoch, best_of, rows = 0, 0, None, 0.0, None, None, []
-    if ckpt is not None:
-        (start_epoch, start_iter), best_acc1 = runfolder.progress(ckpt), best_acc(ckpt)
-        best_epoch, best_of, rows = ckpt.get("best_epoch"), ckpt.get("best_of"), list(ckpt.get("metrics", []))
-        if start_iter % accum:
-            raise UserError(f"{args.resume} was saved inside a group of gradient accumulation (iteration "
-                            f"{start_iter}): resume with the --grad-accum-steps it was trained with")
-        if start_iter and info.is_main:  # the epoch's running sums were saved over all ranks
-            sums = ckpt.get("epoch_sums")
-        if "optimizer" in ckpt:
-            try:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise UserError(f"optimizer state in {args.resume} does not fit: {e}") from None
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        logger.info(f"=> resumed from {args.resume} ({runfolder.describe((start_epoch, start_iter), args.epochs)}, "
-                    f"best {task.best_label} {best_acc1:.3f})")
-        if not rows and info.is_main:  # older checkpoints carry no rows: keep the file's
-            rows = runfolder.read_rows(run_dir / runfolder.METRICS)
-    del ckpt
 
+def resume_progress(args, task, info, job, opt):
+    """The checkpoint's progress, optimizer, scaler and RNG states; then the checkpoint is let go."""
+    ckpt, progress = job.ckpt, Progress(rows=[])
+    job.ckpt = None
+    if ckpt is None:
+        return progress
+    (progress.start_epoch, progress.start_iter), progress.best = runfolder.progress(ckpt), best_acc(ckpt)
+    progress.best_epoch, progress.best_of = ckpt.get("best_epoch"), ckpt.get("best_of")
+    progress.rows = list(ckpt.get("metrics", []))
+    if progress.start_iter % opt.stepper.accum:
+        raise UserError(f"{args.resume} was saved inside a group of gradient accumulation (iteration "
+                        f"{progress.start_iter}): resume with the --grad-accum-steps it was trained with")
+    if progress.start_iter and info.is_main:  # the epoch's running sums were saved over all ranks
+        progress.sums = ckpt.get("epoch_sums")
+    if "optimizer" in ckpt:
+        try:
+            opt.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"optimizer state in {args.resume} does not fit: {e}") from None
+    if opt.scaler is not None and ckpt.get("scaler"):
+        opt.scaler.load_state_dict(ckpt["scaler"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    job.logger.info(f"=> resumed from {args.resume} ({runfolder.describe((progress.start_epoch, progress.start_iter), args.epochs)}, "
+                    f"best {task.best_label} {progress.best:.3f})")
+    if not progress.rows and info.is_main:  # older checkpoints carry no rows: keep the file's
+        progress.rows = runfolder.read_rows(job.run_dir / runfolder.METRICS)
+    return progress
+
+
+def checkpoint_state(args, job, nets, opt, progress, epoch, iteration=0, epoch_sums=None):
+    return {"epoch": epoch, "iteration": iteration, "arch": args.arch, "attention_type": args.attention_type,
+            "attention_param": effective_param(args), "num_classes": len(job.classes), "seed": job.seed,
+            "state_dict": nets.raw.state_dict(), "best_acc1": progress.best, "best_epoch": progress.best_epoch,
+            "best_of": progress.best_of, "model_ema": nets.ema.state_dict() if nets.ema is not None else None,
+            "optimizer": opt.optimizer.state_dict(),
+            "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
+            "rng": rng_state(), "metrics": progress.rows, "epoch_sums": epoch_sums,
+            "args": json.loads(json.dumps(vars(args), default=str))}
+
+
+def train_epochs(args, task, info, job, nets, opt, progress, train_loader, val_loader):
+    """The epochs: train, validate (model and EMA), save, log; a stop signal saves and raises Preempted."""
+    device, logger, run_dir = job.device, job.logger, job.run_dir
     # Stops and saves fall on optimizer steps (every `accum` batches): the ranks agree every print_freq of them.
-    flags = StopFlags(device, info.distributed, agree_every=args.print_freq * accum,
+    flags = StopFlags(device, info.distributed, agree_every=args.print_freq * opt.stepper.accum,
                       save_every_minutes=args.save_every_minutes, is_main=info.is_main).install()
-
-    def checkpoint_state(epoch, iteration=0, epoch_sums=None):
-        return {"epoch": epoch, "iteration": iteration, "arch": args.arch, "attention_type": args.attention_type,
-                "attention_param": effective_param(args), "num_classes": len(classes), "seed": seed,
-                "state_dict": raw.state_dict(), "best_acc1": best_acc1, "best_epoch": best_epoch,
-                "best_of": best_of, "model_ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_state(), "metrics": rows, "epoch_sums": epoch_sums,
-                "args": json.loads(json.dumps(vars(args), default=str))}
 
     def boundary(epoch):
         def at(done, get_sums):
@@ -349,7 +436,8 @@ def _run(args, task, info, gpu_ids):
                 keys = sorted(k for k in s if k != "time")  # counts add up over ranks; the clock does not
                 totals = dict(zip(keys, all_reduce_sum([s[k] for k in keys], device)), time=s["time"])
                 if info.is_main:
-                    save_atomic(checkpoint_state(epoch, done, totals), run_dir / runfolder.CHECKPOINT)
+                    save_atomic(checkpoint_state(args, job, nets, opt, progress, epoch, done, totals),
+                                run_dir / runfolder.CHECKPOINT)
                 flags.saved()
                 barrier()
                 if not stop:
@@ -359,74 +447,84 @@ def _run(args, task, info, gpu_ids):
         return at
 
     try:
-        for epoch in range(start_epoch, args.epochs):
-            first = epoch == start_epoch
+        for epoch in range(progress.start_epoch, args.epochs):
+            first = epoch == progress.start_epoch
             try:
-                skip = start_iter if first else 0  # a mid-epoch checkpoint's batches already done
-                tr = task.train_one_epoch(train_model, train_loader(epoch, skip), criterion, optimizer, lr_fn, epoch,
-                                          device, scaler=scaler, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                                          print_freq=args.print_freq, logger=logger, start_iter=skip,
-                                          sums=sums if first else None, boundary=boundary(epoch), **step_kwargs)
+                skip = progress.start_iter if first else 0  # a mid-epoch checkpoint's batches already done
+                tr = task.train_one_epoch(nets.train_model, train_loader(epoch, skip), opt.criterion, opt.optimizer,
+                                          opt.lr_fn, epoch, device, scaler=opt.scaler, amp_dtype=job.amp_dtype,
+                                          channels_last=args.channels_last, print_freq=args.print_freq, logger=logger,
+                                          start_iter=skip, sums=progress.sums if first else None,
+                                          boundary=boundary(epoch), **opt.loop_kwargs)
             except NonFiniteLossError as e:
                 raise UserError(f"{e}; last good checkpoint kept: {last_good(run_dir)}") from None
             except ValueError as e:
                 if "Expected more than 1 value per channel" not in str(e):
                     raise
-                raise UserError(f"-b {args.batch_size}: {batch} image(s) per process meet a 1x1 feature map, where "
+                raise UserError(f"-b {args.batch_size}: {job.batch} image(s) per process meet a 1x1 feature map, where "
                                 f"BatchNorm needs more than one value per channel; raise -b or the crop size") from None
             if tr["interrupted"]:
                 raise stopped(flags.signum, epoch, tr["iteration"], len(train_loader), run_dir, logger)
-            broadcast_buffers(raw)  # every rank evaluates exactly the weights rank 0 saves
-            t_val = time.time()
-            va = task.evaluate(eval_model, val_loader(epoch), device, amp_dtype=amp_dtype,
-                               channels_last=args.channels_last, logger=logger)
-            val = val_row(va)
-            va_ema = None
-            if ema is not None:
-                # The EMA's averaged BatchNorm statistics come from each rank's own: rank 0's count.
-                broadcast_buffers(ema)
-                va_ema = task.evaluate(ema.module, val_loader(epoch), device, amp_dtype=amp_dtype,
-                                       channels_last=args.channels_last, logger=logger, desc="val EMA")
-                val.update({f"val_ema_{k.removeprefix('val_')}": v for k, v in val_row(va_ema).items()})
-            bad = [k for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                raise UserError(f"validation {bad[0].removeprefix('val_').replace('_', ' ')} is {val[bad[0]]} at "
-                                f"epoch {epoch + 1}: stopping; last good checkpoint kept: {last_good(run_dir)}")
-            # model_best: the better of the model and its EMA (the model on a tie), and it says which.
-            score, source = va[task.best_key], "model"
-            if va_ema is not None and va_ema[task.best_key] > score:
-                score, source = va_ema[task.best_key], "ema"
-            is_best = score > best_acc1 or (best_epoch is None and best_acc1 == 0)  # a fresh run's first epoch
-            if is_best:
-                best_acc1, best_epoch, best_of = score, epoch + 1, (source if ema is not None else None)
-            row = {"epoch": epoch + 1, "lr": lr_fn(epoch, 0), "train_loss": tr["loss"],
-                   **({"train_acc1": tr["acc1"]} if "acc1" in tr else {}), **val,
-                   "epoch_time": tr["time"] + time.time() - t_val,
-                   "images_per_sec": tr["images"] / tr["time"], "skipped_images": tr["skipped"] + va["skipped"]}
-            rows.append(row)
-            if info.is_main:
-                # Order matters for a kill in between: the checkpoint carries every row and the best
-                # epoch, so a resume rewrites metrics.jsonl and model_best from it (runfolder.repair).
-                save_atomic(checkpoint_state(epoch + 1), run_dir / runfolder.CHECKPOINT)
-                if is_best:
-                    runfolder.copy_atomic(run_dir / runfolder.CHECKPOINT, run_dir / runfolder.BEST)
-                runfolder.append_row(run_dir / runfolder.METRICS, row)
+            end_epoch(args, task, info, job, nets, opt, progress, epoch, tr, val_loader)
             flags.saved()
-            logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f}"
-                        + (f" acc@1 {tr['acc1']:.2f}" if "acc1" in tr else "") + f" | val {summary(va)} | "
-                        + (f"EMA {summary(va_ema)} | " if va_ema is not None else "")
-                        + f"best {best_acc1:.3f}" + (f" ({best_of})" if best_of else "")
-                        + f" | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
-                        + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
             barrier()  # no rank starts the next epoch before rank 0 has its checkpoint on disk
             if epoch + 1 < args.epochs and flags.poll(0, force=True)[0]:
                 raise stopped(flags.signum, epoch + 1, 0, len(train_loader), run_dir, logger)
     finally:
         flags.uninstall()
-    logger.info(f"done: best {task.best_label} {best_acc1:.3f}; run folder: {run_dir}")
-    if folder_lock is not None:  # rank 0's
-        folder_lock.close()
-    return {"best_acc1": best_acc1, "run_dir": run_dir}
+
+
+def end_epoch(args, task, info, job, nets, opt, progress, epoch, tr, val_loader):
+    """Validate the model (and its EMA), pick model_best, save the checkpoint, the row and the line."""
+    summary, val_row = task.summary or classification_summary, task.val_row or classification_val_row
+    run_dir = job.run_dir
+    broadcast_buffers(nets.raw)  # every rank evaluates exactly the weights rank 0 saves
+    t_val = time.time()
+    va = validate(args, task, job, nets.eval_model, val_loader(epoch))
+    val = val_row(va)
+    va_ema = None
+    if nets.ema is not None:
+        # The EMA's averaged BatchNorm statistics come from each rank's own: rank 0's count.
+        broadcast_buffers(nets.ema)
+        va_ema = validate(args, task, job, nets.ema.module, val_loader(epoch), "val EMA")
+        val.update({f"val_ema_{k.removeprefix('val_')}": v for k, v in val_row(va_ema).items()})
+    bad = [k for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise UserError(f"validation {bad[0].removeprefix('val_').replace('_', ' ')} is {val[bad[0]]} at "
+                        f"epoch {epoch + 1}: stopping; last good checkpoint kept: {last_good(run_dir)}")
+    # model_best: the better of the model and its EMA (the model on a tie), and it says which.
+    score, source = va[task.best_key], "model"
+    if va_ema is not None and va_ema[task.best_key] > score:
+        score, source = va_ema[task.best_key], "ema"
+    is_best = score > progress.best or (progress.best_epoch is None and progress.best == 0)  # a fresh run's first epoch
+    if is_best:
+        progress.best, progress.best_epoch = score, epoch + 1
+        progress.best_of = source if nets.ema is not None else None
+    row = {"epoch": epoch + 1, "lr": opt.lr_fn(epoch, 0), "train_loss": tr["loss"],
+           **({"train_acc1": tr["acc1"]} if "acc1" in tr else {}), **val,
+           "epoch_time": tr["time"] + time.time() - t_val,
+           "images_per_sec": tr["images"] / tr["time"], "skipped_images": tr["skipped"] + va["skipped"]}
+    progress.rows.append(row)
+    if info.is_main:
+        # Order matters for a kill in between: the checkpoint carries every row and the best
+        # epoch, so a resume rewrites metrics.jsonl and model_best from it (runfolder.repair).
+        save_atomic(checkpoint_state(args, job, nets, opt, progress, epoch + 1), run_dir / runfolder.CHECKPOINT)
+        if is_best:
+            runfolder.copy_atomic(run_dir / runfolder.CHECKPOINT, run_dir / runfolder.BEST)
+        runfolder.append_row(run_dir / runfolder.METRICS, row)
+    job.logger.info(f"Epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f}"
+                    + (f" acc@1 {tr['acc1']:.2f}" if "acc1" in tr else "") + f" | val {summary(va)} | "
+                    + (f"EMA {summary(va_ema)} | " if va_ema is not None else "")
+                    + f"best {progress.best:.3f}" + (f" ({progress.best_of})" if progress.best_of else "")
+                    + f" | {row['epoch_time']:.1f}s, {row['images_per_sec']:.1f} img/s"
+                    + (f" | skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""))
+
+
+def report(task, job, progress):
+    job.logger.info(f"done: best {task.best_label} {progress.best:.3f}; run folder: {job.run_dir}")
+    if job.folder_lock is not None:  # rank 0's
+        job.folder_lock.close()
+    return {"best_acc1": progress.best, "run_dir": job.run_dir}
 
 
 def ema_from(args, model, ckpt, world_size, per_rank_batch, device, logger):
