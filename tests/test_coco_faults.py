@@ -291,3 +291,17 @@ def test_16bit_png_in_coco(coco_small, tmp_path):
     image, _, skipped = CocoDetection(split, train=False)[0]
     assert skipped == ()
     assert torch.equal(image, torch.from_numpy((values >> 8).astype(np.float32) / 255).expand(3, -1, -1))
+
+
+def test_training_run_counts_each_bad_file_once(tmp_path):
+    """main_coco.py end to end: 2 unreadable train files (neighbours) and 1 unreadable val file give
+    skipped_images 3 in the epoch's row, and validation evaluates the 3 readable val images."""
+    from test_coco_train import MODEL_KW, TINY, metrics, run_coco
+    data = make_coco_demo(tmp_path / "data", train_images=6, val_images=4)
+    train = CocoDetection(CocoSplit(data, "train"), train=True)
+    bad = break_files(data, "train", [train.images[i]["file_name"] for i in (1, 2)])
+    bad += break_files(data, "val", [CocoSplit(data, "val").images[0]["file_name"]])
+    out = run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "ck", "--seed", "0"] + TINY + MODEL_KW)
+    row = metrics(tmp_path / "ck" / "coco-faster_rcnn-resnet18-seed0")[0]
+    assert row["skipped_images"] == 3 and "skipped 3 unreadable images" in out
+    assert sorted(set(p for p in bad if f"skipped unreadable image: {p}" in out)) == sorted(bad)

@@ -8,9 +8,11 @@ so a run resumed mid-epoch sees the same flips and batches as an uninterrupted o
 
 Bad input is one UserError, checked before any image is read: missing annotation file or image
 folder, malformed JSON, images listed but missing on disk, annotations pointing at unlisted images or
-categories, no categories. Degenerate boxes (no area inside the image) are skipped and counted;
-training drops images left without a box (as torchvision's reference and mmdetection do);
-unreadable image files are skipped and counted at load time, as utils/data.py does for ImageNet.
+categories, no categories, no images, ids that are not integers, non-finite numbers, polygons of
+fewer than 3 points, RLE of another size, category ids above MAX_CATEGORY_ID. Degenerate boxes (no
+area inside the image) are skipped and counted; training drops images left without a box (as
+torchvision's reference and mmdetection do). Unreadable image files are counted once per file:
+training takes the next readable image in their place, evaluation drops them (CocoDetection).
 """
 import contextlib
 import io
