@@ -8,9 +8,11 @@ so a run resumed mid-epoch sees the same flips and batches as an uninterrupted o
 
 Bad input is one UserError, checked before any image is read: missing annotation file or image
 folder, malformed JSON, images listed but missing on disk, annotations pointing at unlisted images or
-categories, no categories. Degenerate boxes (no area inside the image) are skipped and counted;
-training drops images left without a box (as torchvision's reference and mmdetection do);
-unreadable image files are skipped and counted at load time, as utils/data.py does for ImageNet.
+categories, no categories, no images, ids that are not integers, non-finite numbers, polygons of
+fewer than 3 points, RLE of another size, category ids above MAX_CATEGORY_ID. Degenerate boxes (no
+area inside the image) are skipped and counted; training drops images left without a box (as
+torchvision's reference and mmdetection do). Unreadable image files are counted once per file:
+training takes the next readable image in their place, evaluation drops them (CocoDetection).
 """
 import contextlib
 import io
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from . import UserError
-from .data import MAX_BAD_IN_A_ROW, ShardSampler
+from .data import MAX_BAD_IN_A_ROW, ShardSampler, pil_rgb
 from .preempt import end_workers_at_exit, ignore_stop_signals_in_worker
 from .demo_data import ensure_generated
 
@@ -35,6 +37,59 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 
 
 # ---------------------------------------------------------------- layout and annotations
+
+MAX_CATEGORY_ID = 10_000  # the box predictor has 5 x 1024 weights per class id (10,000 ids: 200 MB)
+
+
+def _id(value, what):
+    """A COCO id: a JSON integer (pycocotools matches results to images and categories by id, so the
+    string "1" is another id than 1), or a UserError naming `what`."""
+    if type(value) is not int:
+        kind = {str: "a string", list: "a list", dict: "an object", float: "a fraction", bool: "a boolean"}
+        raise UserError(f"{what} is missing; COCO ids are integers" if value is None else
+                        f"{what} {json.dumps(value)} is {kind.get(type(value), type(value).__name__)}, "
+                        f"not an integer; COCO ids are integers")
+    return value
+
+
+def _numbers(values, what, n=None):
+    """A list of finite JSON numbers (of length n when given) as floats, or a UserError naming `what`.
+    Polygons (n None) are checked through their sum, in C: COCO's train file holds ~30M coordinates."""
+    shape = "[x, y, w, h]" if n == 4 else "a number" if n == 1 else "a list of numbers"
+    if not isinstance(values, list) or (n is not None and len(values) != n):
+        raise UserError(f"{what} is not {shape}: {json.dumps(values)[:80]}")
+    try:  # strings, lists and null raise; NaN and +-inf make the sum non-finite
+        total = sum(values) if n is None else sum(v if type(v) in (int, float) else "" for v in values)
+    except TypeError:
+        raise UserError(f"{what} is not {shape}: {json.dumps(values)[:80]}") from None
+    if not math.isfinite(total):
+        raise UserError(f"{what} is not finite: {json.dumps(values)[:80]}")
+    return values if n is None else [float(v) for v in values]
+
+
+def _check_segmentation(seg, im, name):
+    """Polygons ([[x1, y1, x2, y2, x3, y3, ...], ...], each of 3 or more finite points) or RLE
+    ({"size": [height, width], "counts": [...] or "compressed string"}, of the image's size)."""
+    if isinstance(seg, dict):
+        size = [im["height"], im["width"]]
+        if seg.get("size") != size or not isinstance(seg.get("counts"), (str, list)):
+            raise UserError(f"{name}: an RLE segmentation needs size {size} (the image's height, width) and "
+                            f"counts, got size {json.dumps(seg.get('size'))}")
+        if isinstance(seg["counts"], list) and (not all(type(c) is int and c >= 0 for c in seg["counts"])
+                                                or sum(seg["counts"]) != size[0] * size[1]):
+            raise UserError(f"{name}: uncompressed RLE counts must be integers >= 0 adding up to height x width")
+        return
+    if not isinstance(seg, list):
+        raise UserError(f"{name}: segmentation is neither polygons nor RLE: {json.dumps(seg)[:80]}")
+    for i, poly in enumerate(seg):
+        if not isinstance(poly, list):
+            raise UserError(f"{name}: segmentation polygon {i} is not a list of coordinates")
+        _numbers(poly, f"{name}: segmentation polygon {i}")
+        if len(poly) < 6 or len(poly) % 2:
+            # pycocotools refuses these too (or reads a 2-point polygon as a box): one rule, said here.
+            raise UserError(f"{name}: segmentation polygon {i} has {len(poly)} coordinates; a polygon needs "
+                            f"3 or more (x, y) points")
+
 
 class CocoSplit:
     """One split's parsed annotation file: images, their valid boxes, categories (checked)."""
@@ -58,16 +113,25 @@ class CocoSplit:
                 raise UserError(f"annotation file {self.ann_file} has no {key!r} list")
         if not raw["categories"]:
             raise UserError(f"annotation file {self.ann_file} has no categories")
+        where = f"annotation file {self.ann_file}"
         try:
-            self.categories = {int(c["id"]): str(c["name"]) for c in raw["categories"]}
-            self.images = [{"id": int(im["id"]), "file_name": str(im["file_name"]),
+            self.categories = {_id(c["id"], f"{where}: category id"): str(c["name"]) for c in raw["categories"]}
+            self.images = [{"id": _id(im["id"], f"{where}: image id"), "file_name": str(im["file_name"]),
                             "width": int(im["width"]), "height": int(im["height"])} for im in raw["images"]]
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"annotation file {self.ann_file}: a category or image entry lacks {e}") from None
+            raise UserError(f"{where}: a category or image entry lacks {e}") from None
         if min(self.categories) < 1:
-            raise UserError(f"annotation file {self.ann_file}: category ids must be >= 1 (0 is the background)")
+            raise UserError(f"{where}: category ids must be >= 1 (0 is the background)")
+        if max(self.categories) > MAX_CATEGORY_ID:
+            raise UserError(f"{where}: category id {max(self.categories)} is above the limit {MAX_CATEGORY_ID} "
+                            f"(labels are category ids, so the detector would get {max(self.categories) + 1} "
+                            f"classes); number the categories from 1")
+        if not self.images:
+            raise UserError(f"{where} lists no images")
         on_disk = set(os.listdir(self.img_dir))
-        missing = [im["file_name"] for im in self.images if im["file_name"] not in on_disk]
+        # A file_name may hold subfolders (e.g. "a/b.jpg"): those are looked up one by one.
+        missing = [im["file_name"] for im in self.images if im["file_name"] not in on_disk
+                   and not ("/" in im["file_name"] and (self.img_dir / im["file_name"]).is_file())]
         if missing:
             raise UserError(f"{len(missing)} images listed in {self.ann_file} are missing from {self.img_dir}, "
                             f"e.g. {missing[0]}")
@@ -76,19 +140,23 @@ class CocoSplit:
         self.degenerate = 0
         for a in raw["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a or "category_id" not in a:
-                raise UserError(f"annotation file {self.ann_file}: an annotation lacks image_id, bbox or category_id")
-            im = by_id.get(a["image_id"])
+                raise UserError(f"{where}: an annotation lacks image_id, bbox or category_id")
+            name = f"annotation {a.get('id')} in {self.ann_file}"
+            # pycocotools indexes annotations by id and reads a match with id 0 as no match.
+            if _id(a.get("id"), f"{name}: id") < 1:
+                raise UserError(f"{name}: id must be an integer >= 1 (pycocotools reads 0 as 'no match')")
+            im = by_id.get(_id(a["image_id"], f"{name}: image_id"))
             if im is None:
-                raise UserError(f"annotation {a.get('id')} in {self.ann_file} points at image id {a['image_id']}, "
-                                f"which the file does not list")
-            if a["category_id"] not in self.categories:
-                raise UserError(f"annotation {a.get('id')} in {self.ann_file} has unknown category {a['category_id']}")
+                raise UserError(f"{name} points at image id {a['image_id']}, which the file does not list")
+            if _id(a["category_id"], f"{name}: category_id") not in self.categories:
+                raise UserError(f"{name} has unknown category {a['category_id']}")
             a.setdefault("iscrowd", 0)  # COCOeval reads both
-            try:
-                x, y, w, h = (float(v) for v in a["bbox"])
-            except (TypeError, ValueError):
-                raise UserError(f"annotation {a.get('id')} in {self.ann_file}: bbox is not [x, y, w, h]") from None
+            x, y, w, h = _numbers(a["bbox"], f"{name}: bbox", 4)
+            if "area" in a:
+                _numbers([a["area"]], f"{name}: area", 1)
             a.setdefault("area", w * h)
+            if "segmentation" in a:
+                _check_segmentation(a["segmentation"], im, name)
             box = [max(x, 0.0), max(y, 0.0), min(x + w, im["width"]), min(y + h, im["height"])]
             if box[2] <= box[0] or box[3] <= box[1]:
                 self.degenerate += 1
@@ -125,6 +193,9 @@ def _decode_masks(anns, h, w):
             x1, y1, x2, y2 = (int(round(v)) for v in a["box"])
             out[i, y1:y2, x1:x2] = 1
             continue
+        if isinstance(seg, dict) and isinstance(seg["counts"], str):  # compressed RLE: decode reads it as is
+            out[i] = mask_utils.decode(seg)
+            continue
         rles = mask_utils.frPyObjects(seg, h, w)
         out[i] = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles)
     return torch.from_numpy(out)
@@ -154,18 +225,24 @@ class CocoDetection(Dataset):
         return int(im["width"] > im["height"])  # mmdetection's two groups: landscape / not
 
     def __getitem__(self, key):
-        index, flip = key if isinstance(key, tuple) else (key, False)
+        """key: index, (index, flip) or (index, flip, report). An unreadable file is reported (in
+        skipped_paths) by its own key only, and not where report is False (the loader's padding
+        repeats): counts are files. Training takes the next readable image in its place; evaluation
+        returns image None (the loop drops it: every readable image is evaluated exactly once)."""
+        index, flip, report = (*key, True)[:3] if isinstance(key, tuple) else (key, False, True)
         skipped = []
         for k in range(MAX_BAD_IN_A_ROW + 1):
             im = self.images[(index + k) % len(self.images)]
             path = self.split.img_dir / im["file_name"]
             try:
                 with Image.open(path) as f:
-                    image = pil_to_tensor(f.convert("RGB"))
+                    image = pil_to_tensor(pil_rgb(f))
             except Exception:  # PIL raises several types for truncated/garbage files
                 skipped.append(str(path))
-                continue
-            return (*self._item(im, image, flip), tuple(skipped))
+                if self.train:
+                    continue
+                return None, {"image_id": im["id"]}, (str(path),) if report else ()
+            return (*self._item(im, image, flip), tuple(skipped[:1]) if report else ())
         raise UserError(f"{len(skipped)} unreadable images in a row, e.g. {skipped[0]}")
 
     def _item(self, im, image, flip):
@@ -244,10 +321,23 @@ class CocoLoader:
         every = grouped_batches(self.dataset, self.batch_size, self.seed, epoch, self.world_size)
         return every[self.rank::self.world_size]
 
+    def keys(self, epoch):
+        """batches(epoch) with a third element, report: False where an image comes again in the epoch
+        (training's padding, on any rank), so an unreadable file is counted once an epoch."""
+        if not self.train:
+            return [[(i, f, True) for i, f in b] for b in self.batches(epoch)]
+        every, seen = [], set()
+        for batch in grouped_batches(self.dataset, self.batch_size, self.seed, epoch, self.world_size):
+            every.append([])
+            for i, flip in batch:
+                every[-1].append((i, flip, i not in seen))
+                seen.add(i)
+        return every[self.rank::self.world_size]
+
     def __call__(self, epoch=0, start_batch=0):
         # Its own generator: creating the iterator then draws nothing from the global RNG, whose state a
         # mid-epoch checkpoint restores (nothing random happens in the workers: flips come with the keys).
-        return DataLoader(self.dataset, batch_sampler=self.batches(epoch)[start_batch:], num_workers=self.workers,
+        return DataLoader(self.dataset, batch_sampler=self.keys(epoch)[start_batch:], num_workers=self.workers,
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory,
                           generator=epoch_generator(self.seed, epoch),
                           # scancel / a time limit signal the whole job: workers live on while the main process saves

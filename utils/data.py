@@ -19,7 +19,9 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchvision import datasets, transforms
@@ -82,8 +84,24 @@ def rrc_params(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 # ---- decoding and transforms -----------------------------------------------------------------
 
+def pil_rgb(img):
+    """A PIL image as 8-bit RGB. 16-bit grayscale (mode I;16*, e.g. a 16-bit PNG) keeps its top 8 bits
+    (value >> 8), where convert("RGB") would clip it to white; 32-bit integer or float images outside
+    0-255 are refused (ValueError naming the mode: no one scale fits them). Colour 16-bit PNGs already
+    open as 8-bit RGB(A) (PIL keeps the high byte)."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))  # mode L
+    elif img.mode in ("I", "F"):
+        lo, hi = img.getextrema()
+        if lo < 0 or hi > 255:
+            raise ValueError(f"a {'32-bit integer' if img.mode == 'I' else 'float'} image with values "
+                             f"{lo}..{hi}: no 8-bit scale fits it; convert it to 8 or 16 bits")
+    return img.convert("RGB")
+
+
 def pil_loader(path):
-    return datasets.folder.pil_loader(path)
+    with open(path, "rb") as f:
+        return pil_rgb(Image.open(f))
 
 
 def tensor_loader(path):

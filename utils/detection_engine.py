@@ -126,6 +126,13 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
     bar = logger.progress(len(loader), desc)
     for images, targets, bad in loader:
         skipped += bad
+        # An unreadable image comes as None (utils.coco.CocoDetection): dropped, counted, not evaluated.
+        kept = [(im, t) for im, t in zip(images, targets) if im is not None]
+        if not kept:
+            if bar is not None:
+                bar.update(1)
+            continue
+        images, targets = (list(v) for v in zip(*kept))
         with _autocast(device, amp_dtype):
             outputs = model([im.to(device, non_blocking=True) for im in images])
         for t, o in zip(targets, outputs):
@@ -142,7 +149,8 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
     metrics = None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         if not img_ids:
-            raise UserError("the validation set yielded no images")
+            raise UserError("the validation set yielded no images" + (
+                f" ({sum(n_skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""))
         gt, metrics = split.coco(), {}
         for iou_type, results in (("bbox", bbox), ("segm", segm))[:1 + with_masks]:
             m, text = coco_eval(gt, results, iou_type, img_ids)
