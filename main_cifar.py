@@ -7,7 +7,7 @@
 DIR holds the extracted python archives (cifar-10-batches-py/ or cifar-100-python/); nothing is
 downloaded. The defaults are the reference's recipe (164 epochs, lr 0.1 x0.1 after epochs 81 and
 122, weight decay 5e-4, batch 128, test batch 100). The loop, checkpoints, resume, metrics and AMP
-are main_imagenet.py's (utils/trainer.py); only the data (utils/cifar.py) and the schedule differ.
+are main_imagenet.py's (utils/trainer.py); only the data (utils/inputs/cifar.py) and the schedule differ.
 Docs: docs/cifar.md.
 """
 import argparse
@@ -20,8 +20,8 @@ from networks import ATTENTION_CHOICES, create_net, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import add_recipe_args, parse_args
-from utils.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, read_classes, read_split
-from utils.data import SampleAugment, augment_options
+from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, read_classes, read_split
+from utils.inputs.data import SampleAugment, augment_options
 from utils.schedule import lr_at, schedule_from_args
 from utils.trainer import Task, run
 
@@ -78,7 +78,7 @@ def device_loader(split, batch_size, workers, seed, rank=0, world_size=1, train=
                   collate_fn=None, *, test_batch_size, ra_reps=1, augment=None):
     """Called as EpochLoader is (through make_loader). pin_memory=True exactly when the run is on
     CUDA, and init_distributed has made this rank's GPU the current device. augment: the recipe's
-    per-image options (utils.data.augment_options)."""
+    per-image options (utils.inputs.data.augment_options)."""
     device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
     if not train:
         batch_size = math.ceil(test_batch_size / world_size)

@@ -9,7 +9,7 @@
 DATA is COCO 2017's layout (annotations/instances_{train,val}2017.json, train2017/, val2017/).
 Without DATA the demo set (data/coco_demo/, generated on first use) is used, with small images.
 The job around the loop (DDP, checkpoints, resume, metrics) is utils/trainer.py's, as for ImageNet;
-the models are networks/detection.py, the data and COCOeval utils/coco.py, the loop
+the models are networks/detection.py, the data and COCOeval utils/inputs/coco.py, the loop
 utils/detection_engine.py. Docs: docs/coco.md.
 """
 import functools
@@ -19,7 +19,7 @@ from networks import ATTENTION_CHOICES, DETECTORS, create_detector, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import parse_args
-from utils.coco import CocoDetection, CocoLoader, CocoSplit, collate_detection, ensure_coco_demo, metrics_line
+from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, collate_detection, ensure_coco_demo, metrics_line
 from utils.detection_engine import evaluate, load_pretrained_backbone, train_one_epoch
 from utils.logger import RunLogger
 from utils.trainer import Task, run
@@ -176,7 +176,7 @@ def eval_line(va, checkpoint):
 
 
 def profile(model, args):
-    from utils.flops import profile_detector
+    from utils.reporting.flops import profile_detector
     size = (args.min_size, args.max_size)
     return {**profile_detector(model, size), "where": f"({args.detector}, one {size[0]}x{size[1]} image, "
                                                       "1000 proposals; RoIAlign and NMS not counted)"}

@@ -14,9 +14,9 @@ from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
 from utils.args import add_recipe_args, parse_args
-from utils.data import (BACKENDS, SafeImageFolder, augment_options, check_data_root, collate_skipping, imagenet_loader,
-                        imagenet_transforms)
-from utils.demo_data import ensure_demo_dataset
+from utils.inputs.data import (BACKENDS, SafeImageFolder, augment_options, check_data_root, collate_skipping,
+                               imagenet_loader, imagenet_transforms)
+from utils.inputs.demo_data import ensure_demo_dataset
 from utils.trainer import Task, run
 
 
@@ -39,7 +39,7 @@ def data_root(args):
     return args.data
 
 
-# The recipe's data flags, which the DALI pipeline (utils/dali.py) does not implement.
+# The recipe's data flags, which the DALI pipeline (utils/inputs/dali.py) does not implement.
 DATA_RECIPE_FLAGS = {"auto_augment": None, "random_erase": 0.0, "ra_reps": 1}
 
 
@@ -62,7 +62,7 @@ def datasets(args, train=True):
                                            **augment_options(args))
     backend = getattr(args, "data_backend", "torch")
     if backend == "dali":
-        from utils.dali import DaliImageFolder  # optional dependency, imported only when asked for
+        from utils.inputs.dali import DaliImageFolder  # optional dependency, imported only when asked for
         return ((DaliImageFolder(f"{root}/train", train_tf) if train else None),
                 DaliImageFolder(f"{root}/val", val_tf, evaluate_once=True))
     val = SafeImageFolder(f"{root}/val", val_tf, backend=backend, evaluate_once=True)

@@ -227,7 +227,7 @@ def bench_network(args):
 
 def bench_cifar_loader(args, n=50000, epochs=2):
     """images/s of main_cifar.py's device-resident loader (crop + flip + normalize on the device)."""
-    from utils.cifar import DeviceLoader, Split
+    from utils.inputs.cifar import DeviceLoader, Split
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 100, (n,), generator=g))
     loader = DeviceLoader(split, args.batch, seed=0, train=True, device=args.device)

@@ -4,7 +4,7 @@
     python scripts/benchmark_loader.py --data /imagenet/val --images 2000 --workers 8 --repeats 5
     python scripts/benchmark_loader.py --backends torch --auto-augment ta_wide --random-erase 0.1   # recipe cost
 
-Backends (utils/data.py, utils/dali.py):
+Backends (utils/inputs/data.py, utils/inputs/dali.py):
   old    the previous path: PIL decode, RandomResizedCrop/flip or Resize/CenterCrop on PIL, ToTensor,
          Normalize, float32 batches built on the CPU;
   pil    PIL decode and resize, uint8 batches (`--data-backend pil`);
@@ -38,8 +38,7 @@ from PIL import Image  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
 from utils.args import AUTO_AUGMENT_POLICIES  # noqa: E402
-from utils.data import (EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms,  # noqa: E402
-                        reference_transforms)
+from utils.inputs.data import EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms, reference_transforms
 
 GPU_RATES = {"ResNet-50": 3000, "ResNet-18": 8000}
 
@@ -90,11 +89,11 @@ def subset(ds, n):
 
 
 def make_loader(backend, root, n, train, batch, workers, seed, device="cpu", augment=None):
-    """augment: the recipe's options of the pil/torch train transform (utils.data.SampleAugment)."""
+    """augment: the recipe's options of the pil/torch train transform (utils.inputs.data.SampleAugment)."""
     train_tf, val_tf = reference_transforms() if backend == "old" else imagenet_transforms(**(augment or {}))
     tf = train_tf if train else val_tf
     if backend == "dali":
-        from utils.dali import DaliImageFolder, DaliLoader
+        from utils.inputs.dali import DaliImageFolder, DaliLoader
         return DaliLoader(subset(DaliImageFolder(root, tf, evaluate_once=not train), n), batch, workers, seed,
                           train=train, device=device)
     ds = subset(SafeImageFolder(root, tf, backend="pil" if backend == "old" else backend, evaluate_once=not train), n)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
 from utils.args import run_name  # noqa: E402
-from utils.demo_data import CLASSES, ensure_demo_dataset  # noqa: E402
+from utils.inputs.demo_data import CLASSES, ensure_demo_dataset  # noqa: E402
 
 EPOCHS = 20
 COMMON = ["-a", "resnet18", "--attention_type", "simam", "--attention_param", "0.1",

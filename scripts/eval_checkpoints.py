@@ -7,7 +7,7 @@ A checkpoint is a .pth.tar file or a run folder (its model_best.pth.tar). Our ch
 arch, attention type and parameter. The reference's record only `arch`, so the attention type is
 found from the state_dict's layout (or --attention_type); SimAM's lambda leaves no trace in the
 weights, so it is --attention_param, else 0.1 (the value of the reference's ImageNet runs).
-Loading, data and evaluation are the trainer's own functions (utils.checkpoint, utils.data, utils.engine).
+Loading, data and evaluation are the trainer's own functions (utils.lifecycle.checkpoint, utils.inputs.data, utils.engine).
 """
 import argparse
 import sys
@@ -19,16 +19,16 @@ import torch  # noqa: E402
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net  # noqa: E402
 from utils import UserError, error_line  # noqa: E402
 from utils.args import parse_gpu_ids  # noqa: E402
-from utils.checkpoint import load_checkpoint, load_model_weights, model_state  # noqa: E402
-from utils.data import EpochLoader, SafeImageFolder, check_image_folder, collate_skipping, imagenet_transforms  # noqa: E402
+from utils.lifecycle.checkpoint import load_checkpoint, load_model_weights, model_state  # noqa: E402
+from utils.inputs.data import EpochLoader, SafeImageFolder, check_image_folder, collate_skipping, imagenet_transforms  # noqa: E402
 from utils.engine import evaluate  # noqa: E402
-from utils.models import checkpoint_file  # noqa: E402
-from utils.models import identify as identify_checkpoint  # noqa: E402
-from utils.runs import csv_table, markdown_table, sort_rows, table_row  # noqa: E402
+from utils.reporting.models import checkpoint_file  # noqa: E402
+from utils.reporting.models import identify as identify_checkpoint  # noqa: E402
+from utils.reporting.runs import csv_table, markdown_table, sort_rows, table_row  # noqa: E402
 from utils.trainer import num_classes_of  # noqa: E402
 
 def identify(ckpt, path, args):
-    """(arch, attention_type, attention_param) of a checkpoint: recorded, given, or inferred (utils.models)."""
+    """(arch, attention_type, attention_param) of a checkpoint: recorded, given, or inferred (utils.reporting.models)."""
     return identify_checkpoint(ckpt, path, args.arch, args.attention_type, args.attention_param, archs=IMAGENET_ARCHS)
 
 

@@ -9,7 +9,7 @@ of the target class over the image as the model sees it: the true class when the
 folder named after one of the model's classes (an ImageFolder val/ split), else the model's top-1
 prediction; under it, the class name and the model's probability for it.
 
-A checkpoint is a .pth.tar file or a run folder, ours or the reference's (utils.models identifies
+A checkpoint is a .pth.tar file or a run folder, ours or the reference's (utils.reporting.models identifies
 arch, attention and lambda as scripts/eval_checkpoints.py does). Preprocessing follows the model:
 ImageNet archs Resize + CenterCrop (the run's --val-resize-size / --val-crop-size when its args.json
 is there, else 256 / 224) with ImageNet mean/std; CIFAR archs a centre square scaled to 32x32 with
@@ -30,8 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
-from utils.models import load_model  # noqa: E402
-from utils.runs import ARCH_LABEL, attention_label  # noqa: E402
+from utils.reporting.models import load_model  # noqa: E402
+from utils.reporting.runs import ARCH_LABEL, attention_label  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DISPLAY = 160  # px: panels are drawn at least this large (a CIFAR crop is 32 px)
@@ -106,10 +106,10 @@ def preprocess(info, resize=None, crop=None):
     to_tensor maps that view to the normalised [1, 3, H, W] input."""
     from torchvision import transforms
     if info["dataset"] == "cifar":
-        from utils.cifar import CIFAR_MEAN as mean, CIFAR_STD as std
+        from utils.inputs.cifar import CIFAR_MEAN as mean, CIFAR_STD as std
         view = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])
     else:
-        from utils.data import IMAGENET_MEAN as mean, IMAGENET_STD as std
+        from utils.inputs.data import IMAGENET_MEAN as mean, IMAGENET_STD as std
         a = info["args"] or {}
         crop = crop or a.get("val_crop_size") or 224
         resize = resize or a.get("val_resize_size") or round(crop * 256 / 224)
@@ -164,7 +164,7 @@ def class_names(info, labels=None):
     a = info["args"] or {}
     try:
         if info["dataset"] == "cifar" and a.get("dataset_dir") and a.get("dataset"):
-            from utils.cifar import read_classes
+            from utils.inputs.cifar import read_classes
             names = read_classes(a["dataset_dir"], a["dataset"])
         elif a.get("data"):  # ImageFolder: the class index is the sorted folder names' order
             root = Path(a["data"])

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import UserError  # noqa: E402
 from utils.args import parse_args, run_name  # noqa: E402
-from utils.runs import effective_param, read_metrics  # noqa: E402
+from utils.reporting.runs import effective_param, read_metrics  # noqa: E402
 
 
 def script_for(argv):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.demo_data import make_demo_dataset  # noqa: E402
+from utils.inputs.demo_data import make_demo_dataset  # noqa: E402
 
 
 def main():

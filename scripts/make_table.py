@@ -10,7 +10,7 @@ mean +- sample std of their best top-1/top-5 (`--per-seed` lists them one by one
 
 Each run folder's args.json (the trainer's merged settings) names the model; metrics.jsonl gives the
 best validation top-1 over the epochs so far and that epoch's top-5. Params/FLOPs come from
-utils.flops (the paper's convention) for the model as trained.
+utils.reporting.flops (the paper's convention) for the model as trained.
 
 COCO runs (main_coco.py, run folders coco-<detector>-...) get their own table beside the paper's COCO
 table: the last epoch's box (and mask) AP, AP50, AP75, APs, APm, APl, one row per run.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import (RECIPE_CSV_FIELDS, aggregate_seeds, coco_csv_table, coco_markdown_table,  # noqa: E402
-                        coco_run_row, csv_table, find_runs, is_coco_run, markdown_table, read_args, read_each,
-                        recipe_markdown_table, recipe_name, recipe_row, run_row, sort_rows)
+from utils.reporting.runs import (RECIPE_CSV_FIELDS, aggregate_seeds, coco_csv_table, coco_markdown_table, coco_run_row,
+                                  csv_table, find_runs, is_coco_run, markdown_table, read_args, read_each,
+                                  recipe_markdown_table, recipe_name, recipe_row, run_row, sort_rows)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ i.e. what mmdetection's get_flops counts; RoIAlign, anchors and NMS are not coun
 for them). The paper gives no detector FLOPs to compare with.
 
 FLOPs are multiply-adds for one image (224x224 ImageNet, 32x32 CIFAR) counted with thop under the
-convention of thop 0.0.31, the release the paper used (utils/flops.py). The last column is the
+convention of thop 0.0.31, the release the paper used (utils/reporting/flops.py). The last column is the
 attention modules' own element-wise work, which that convention leaves out (docs/networks-and-modules.md).
 """
 import json
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from networks import ATTENTION_CHOICES, create_net, model_names  # noqa: E402
 from networks.attentions import resolve_param  # noqa: E402
 from utils.args import Parser  # noqa: E402
-from utils.flops import profile_model  # noqa: E402
+from utils.reporting.flops import profile_model  # noqa: E402
 
 DATASETS = {"imagenet": dict(image_size=224, num_classes=(1000,)),
             "cifar": dict(image_size=32, num_classes=(10, 100))}
@@ -46,9 +46,9 @@ def summary_rows(dataset="imagenet", archs=None, attentions=None, attention_para
 
 
 def detector_stats(kind, arch, attention_type="none", attention_param=None, num_classes=91, size=(800, 1333)):
-    """dict(params, flops, flops_parts) of a detector (utils.flops.profile_detector)."""
+    """dict(params, flops, flops_parts) of a detector (utils.reporting.flops.profile_detector)."""
     from networks import create_detector
-    from utils.flops import profile_detector
+    from utils.reporting.flops import profile_detector
     return profile_detector(create_detector(kind, arch, attention_type, attention_param, num_classes=num_classes),
                             size)
 

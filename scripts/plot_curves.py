@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import (ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, effective_param, find_runs,  # noqa: E402
-                        read_each, read_run)
+from utils.reporting.runs import (ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, effective_param, find_runs,
+                                  read_each, read_run)
 
 
 def run_label(args):

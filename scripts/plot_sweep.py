@@ -8,7 +8,7 @@ error bars are the sample std over seeds (none for a single seed). Runs of the s
 attention, when given, are drawn as a dashed line with a band (mean +- std): the baseline lambda
 has to beat. Other attention types are left out. The markdown table (or --csv) goes to stdout;
 each model's best lambda is in bold. Runs come from scripts/lambda_sweep.sh or any trainer runs
-(utils.runs reads args.json and metrics.jsonl: the best epoch's top-1/top-5).
+(utils.reporting.runs reads args.json and metrics.jsonl: the best epoch's top-1/top-5).
 """
 import argparse
 import csv
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.runs import ARCH_LABEL, DATASET_LABEL, aggregate_seeds, find_runs, read_each, run_row  # noqa: E402
+from utils.reporting.runs import ARCH_LABEL, DATASET_LABEL, aggregate_seeds, find_runs, read_each, run_row  # noqa: E402
 
 
 def model_label(key):
@@ -31,7 +31,7 @@ def model_label(key):
 
 def sweep(rows):
     """{(dataset, arch, classes): {"points": [row per lambda, ascending], "baseline": row or None}};
-    rows are utils.runs rows, one per run, aggregated here over seeds (mean, sample std)."""
+    rows are utils.reporting.runs rows, one per run, aggregated here over seeds (mean, sample std)."""
     runs = [r for r in rows if r["attention"] in ("simam", "none")]
     if not any(r["attention"] == "simam" for r in runs):
         raise UserError("no SimAM run among the run folders: nothing to plot against lambda")

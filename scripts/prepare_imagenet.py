@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.imagefiles import SymlinkLoop, walk_images  # noqa: E402
+from utils.inputs.imagefiles import SymlinkLoop, walk_images  # noqa: E402
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SYNSET = re.compile(r"^n\d{8}$")

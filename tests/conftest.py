@@ -47,7 +47,7 @@ TINY = ["-a", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", 
 
 def make_tiny_data(out, train_per_class=8, val_per_class=3):
     """3 classes of 40 px pattern images (the demo generator, scaled down)."""
-    from utils.demo_data import make_demo_dataset
+    from utils.inputs.demo_data import make_demo_dataset
     return make_demo_dataset(out, classes=("h_stripes", "v_stripes", "disc"), train_per_class=train_per_class,
                              val_per_class=val_per_class, sizes=(40, 40))
 
@@ -102,6 +102,6 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
 
 
 def pytest_configure(config):
-    # torchvision 0.29 deprecates its image decoders (utils.data.tensor_loader uses decode_jpeg): one
+    # torchvision 0.29 deprecates its image decoders (utils.inputs.data.tensor_loader uses decode_jpeg): one
     # warning per image otherwise.
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -158,7 +158,7 @@ def test_non_finite_validation_loss_stops_before_saving(data, trained, tmp_path,
 
 
 def test_one_class_gets_a_warning(tmp_path, capsys):
-    from utils.demo_data import make_demo_dataset
+    from utils.inputs.demo_data import make_demo_dataset
     one = make_demo_dataset(tmp_path / "one", classes=("disc",), train_per_class=4, val_per_class=2, sizes=(40, 40))
     out, _ = main([one, *TINY, "-b", "2", "-j", "0", "--epochs", "1", "--ckpt", tmp_path / "ck"], capsys, code=0)
     assert "warning: the data has 1 class" in out
@@ -169,7 +169,7 @@ def test_ctrl_c_during_a_save_finishes_the_file_then_interrupts(tmp_path, monkey
     # other_thread: a live thread that does not block signals (torch and loaders start such threads);
     # the kernel may hand the process-directed signal to it rather than to the saving main thread.
     import threading
-    from utils.checkpoint import save_atomic
+    from utils.lifecycle.checkpoint import save_atomic
     real_save = torch.save
     release = threading.Event()
     if other_thread:

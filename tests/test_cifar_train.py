@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 
 import main_cifar
 from conftest import ROOT, THREADS, seed
-from utils.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, read_classes, read_split
+from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, read_classes, read_split
 
 FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": THREADS}  # no kernel compilation for 2 tiny epochs
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import main_coco
 from utils import UserError
-from utils.coco import CocoDetection, CocoLoader, CocoSplit, coco_eval, make_coco_demo
-from utils.data import pil_loader, pil_rgb, tensor_loader
+from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, coco_eval, make_coco_demo
+from utils.inputs.data import pil_loader, pil_rgb, tensor_loader
 from utils.detection_engine import evaluate
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_same_weights, run_cli, seed
-from utils.coco import make_coco_demo
+from utils.inputs.coco import make_coco_demo
 
 # Small images, a frozen backbone and few proposals/samples keep a ResNet-18 detector step short on a CPU;
 # score threshold 0 so that an untrained model still has detections to evaluate.
@@ -66,7 +66,7 @@ def test_training_records_epochs_resumes_bit_exact_and_evaluates(tmp_path):
     spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "scripts" / "plot_curves.py")
     plot_curves = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_curves)
-    from utils.runs import read_run
+    from utils.reporting.runs import read_run
     fig = plot_curves.make_figure([read_run(run_a)])
     ap, loss, _ = fig.axes
     assert list(ap.lines[0].get_ydata()) == [r["bbox_AP"] for r in rows] and "box AP" in ap.lines[0].get_label()
@@ -75,7 +75,7 @@ def test_training_records_epochs_resumes_bit_exact_and_evaluates(tmp_path):
 
     # The classification tools (eval_checkpoints.py, gradcam.py) name the right tool for it.
     from utils import UserError
-    from utils.models import load_model
+    from utils.reporting.models import load_model
     with pytest.raises(UserError, match="is a COCO detector's checkpoint.*main_coco.py DATA -e --resume"):
         load_model(run_a)
 

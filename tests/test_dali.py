@@ -1,4 +1,4 @@
-"""`--data-backend dali` (utils/dali.py) on the CPU: the same batches as the torch backend up to
+"""`--data-backend dali` (utils/inputs/dali.py) on the CPU: the same batches as the torch backend up to
 decoder/resize rounding, mid-epoch starts, unreadable images, and a CLI run. Skipped without DALI."""
 import json
 
@@ -8,9 +8,8 @@ import torch
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (optional: pip install -r requirements-dali.txt)")
 
 from conftest import TINY, make_tiny_data, run_cli, seed  # noqa: E402
-from utils.dali import DaliImageFolder, DaliLoader  # noqa: E402
-from utils.data import (UNREADABLE, EpochLoader, SafeImageFolder, TrainTransform, ValTransform,  # noqa: E402
-                        collate_skipping)
+from utils.inputs.dali import DaliImageFolder, DaliLoader  # noqa: E402
+from utils.inputs.data import UNREADABLE, EpochLoader, SafeImageFolder, TrainTransform, ValTransform, collate_skipping
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

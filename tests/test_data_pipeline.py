@@ -1,4 +1,4 @@
-"""The uint8 input pipeline (utils/data.py): equivalence with the previous float path, the crop
+"""The uint8 input pipeline (utils/inputs/data.py): equivalence with the previous float path, the crop
 distribution against torchvision's RandomResizedCrop, per-sample seeding and mid-epoch starts,
 unreadable images, and the move to the device (engine._unpack)."""
 import math
@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from utils.data import (IMAGENET_MEAN, IMAGENET_STD, UNREADABLE, EpochLoader, SafeImageFolder, TrainTransform,
-                        ValTransform, collate_skipping, normalize_uint8, pil_loader, reference_transforms,
-                        rrc_params, sample_seed, tensor_loader)
+from utils.inputs.data import (IMAGENET_MEAN, IMAGENET_STD, UNREADABLE, EpochLoader, SafeImageFolder, TrainTransform,
+                               ValTransform, collate_skipping, normalize_uint8, pil_loader, reference_transforms,
+                               rrc_params, sample_seed, tensor_loader)
 from utils.engine import _unpack, evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io's decoders

@@ -17,7 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import main_coco
 from networks import ATTENTION_CHOICES, create_detector, create_net
 from utils import UserError
-from utils.coco import CocoDetection, CocoLoader, CocoSplit, coco_eval, make_coco_demo
+from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, coco_eval, make_coco_demo
 from utils.detection_engine import evaluate, load_pretrained_backbone
 
 SMALL = dict(min_size=64, max_size=96)

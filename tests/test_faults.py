@@ -19,8 +19,9 @@ import torch
 
 import main_imagenet
 from conftest import ROOT, TINY, make_tiny_data, run_cli
-from utils import UserError, runfolder
-from utils.checkpoint import save_atomic
+from utils import UserError
+from utils.lifecycle import runfolder
+from utils.lifecycle.checkpoint import save_atomic
 
 RUN = "imagenet-resnet18-seed0"
 
@@ -90,7 +91,7 @@ def test_sigterm_to_the_group_with_coco_loader_workers_saves_and_resumes(tmp_pat
     """The COCO loader's workers (-j 2) live on through scancel's SIGTERM; the main process saves
     mid-epoch and the resumed run finishes with every epoch once."""
     from test_coco_train import MODEL_KW, TINY as COCO_TINY
-    from utils.coco import make_coco_demo
+    from utils.inputs.coco import make_coco_demo
     coco = make_coco_demo(tmp_path / "data", train_images=8, val_images=2)
     flags = [*COCO_TINY, "-b", "2", "-j", "2", "--seed", "0", "--epochs", "1", "--ckpt", tmp_path / "ck", *MODEL_KW]
     cmd = [sys.executable, ROOT / "main_coco.py", coco, *flags, "-p", "1"]
@@ -168,7 +169,7 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_previous_one(tmp_path, monkey
     """torch.save raises RuntimeError ("unexpected pos") from its zip writer when a write comes up
     short, the disk's OSError lost: the line still says the disk is full, names the folder's free
     space, and the previous checkpoint is intact, with no temporary file left."""
-    from utils import checkpoint
+    from utils.lifecycle import checkpoint
     path = tmp_path / "checkpoint.pth.tar"
     save_atomic({"w": torch.zeros(3)}, path)
     before = path.read_bytes()
@@ -208,7 +209,7 @@ def one_error_line(err):
 
 
 def test_disk_full_at_the_second_checkpoint_then_resumed(data, tmp_path, monkeypatch, capsys, one_thread):
-    from utils import checkpoint
+    from utils.lifecycle import checkpoint
     disk = FullDisk()
     monkeypatch.setattr(checkpoint, "open", disk.open, raising=False)
     real_append = runfolder.append_row

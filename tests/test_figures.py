@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import ROOT
 from networks import ATTENTION_CHOICES, MODELS, create_net
-from utils.checkpoint import save_atomic
+from utils.lifecycle.checkpoint import save_atomic
 
 
 def script(name):
@@ -116,7 +116,7 @@ def test_every_arch_and_attention_matches_the_definition(arch, one_thread):
 # ---------------------------------------------------------------- the script on checkpoints
 
 def write_image_folder(root, classes=("h_stripes", "disc")):
-    from utils.demo_data import make_demo_dataset
+    from utils.inputs.demo_data import make_demo_dataset
     return make_demo_dataset(root, classes=classes, train_per_class=1, val_per_class=2, sizes=(40, 48))
 
 
@@ -154,7 +154,7 @@ def test_script_on_our_reference_and_cifar_checkpoints(tmp_path, one_thread, cap
     files = gc.image_files([data / "val"], 3)
     assert [f.name for f in files] == ["disc_0000.JPEG", "h_stripes_0000.JPEG", "disc_0001.JPEG"]  # a class each in turn
     rows = gc.compute_panels(models, files)
-    from utils.data import reference_transforms
+    from utils.inputs.data import reference_transforms
     _, val_tf = reference_transforms(val_resize_size=40, val_crop_size=36)  # PIL Resize + CenterCrop, as --data-backend pil
     for f, row in zip(files, rows):
         truth = f.parent.name

@@ -13,10 +13,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from conftest import TINY, make_tiny_data
-from utils.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, normalize, random_crop_flip
-from utils.data import (EpochLoader, RASampler, SafeImageFolder, SampleAugment, TrainTransform, _splitmix64,
-                        auto_augment_policy, collate_skipping, epoch_batches, normalize_uint8, rrc_params,
-                        sample_seed)
+from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, normalize, random_crop_flip
+from utils.inputs.data import (EpochLoader, RASampler, SafeImageFolder, SampleAugment, TrainTransform, _splitmix64,
+                               auto_augment_policy, collate_skipping, epoch_batches, normalize_uint8, rrc_params,
+                               sample_seed)
 from utils.engine import _topk_correct
 from utils.mixing import BatchMix
 

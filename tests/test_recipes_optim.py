@@ -359,7 +359,7 @@ def test_paper_recipe_is_a_plain_sgd_loop(tiny_data, tmp_path, one_thread):
     from main_imagenet import datasets, get_args_parser
     from networks import create_net
     from utils.args import parse_args
-    from utils.data import collate_skipping, imagenet_loader
+    from utils.inputs.data import collate_skipping, imagenet_loader
     from utils.engine import _unpack
     from utils.trainer import seed_everything
     argv = [str(tiny_data), *TINY, "-b", "8", "--epochs", "2", "--seed", "3", "-j", "0", "--ckpt", str(tmp_path)]

@@ -23,8 +23,8 @@ from main_imagenet import main as train_main  # noqa: E402
 from networks import create_net  # noqa: E402
 from utils import UserError  # noqa: E402
 from utils.args import parse_args  # noqa: E402
-from utils.demo_data import make_demo_dataset  # noqa: E402
-from utils.runs import PAPER, read_run  # noqa: E402
+from utils.inputs.demo_data import make_demo_dataset  # noqa: E402
+from utils.reporting.runs import PAPER, read_run  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "imagenet"
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "mobilenet_v2")
@@ -226,7 +226,7 @@ def test_eval_checkpoints_ours_and_reference_format(e2e, tmp_path, capsys):
 
 
 def test_paper_figures_only_for_the_papers_lambda():
-    from utils.runs import table_row
+    from utils.reporting.runs import table_row
     rows = {p: table_row("resnet50", "simam", p, 77.0, 93.0, "100/100", "run", num_classes=1000) for p in (0.1, 1e-4)}
     tv = table_row("resnet18", "none", None, 70.0, 89.0, "100/100", "run", num_classes=1000)
     assert (tv["paper_top1"], tv["paper_top5"], tv["paper_source"]) == (PAPER[("resnet18", "none")][0], None, "torchvision")

@@ -144,7 +144,7 @@ def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, after
 def test_a_missing_model_best_is_restored_from_the_checkpoint_or_said_to_be_lost(tmp_path, best_epoch):
     """repair(): model_best gone after epoch 2. When epoch 2 is best the checkpoint holds its weights
     and is copied; when epoch 1 was, they are in no file: one line says so and nothing is made up."""
-    from utils import runfolder
+    from utils.lifecycle import runfolder
     ckpt = {"epoch": 2, "iteration": 0, "best_epoch": best_epoch, "best_acc1": 50.0,
             "metrics": [{"epoch": 1}, {"epoch": 2}], "state_dict": {"w": torch.ones(2)}}
     torch.save(ckpt, tmp_path / "checkpoint.pth.tar")

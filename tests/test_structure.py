@@ -81,7 +81,7 @@ def find_cycle(graph):
 
 def test_libraries_never_import_a_main_script_or_scripts():
     graph = import_graph(ROOT)
-    assert {"utils.runs", "utils.data", "networks.detection"} <= graph.keys()
+    assert {"utils.reporting.runs", "utils.inputs.data", "networks.detection"} <= graph.keys()
     assert upward_imports(graph) == []
 
 
@@ -108,9 +108,9 @@ def test_the_checks_see_function_level_relative_and_package_imports(tmp_path):
 
 
 def test_imagenet_loader_lets_a_dali_dataset_build_its_own_loader():
-    """utils.data hands a DALI dataset to its own make_loader (it cannot import utils.dali, which imports it),
+    """utils.inputs.data hands a DALI dataset to its own make_loader (it cannot import utils.inputs.dali, which imports it),
     with the trainer's arguments and the device that pin_memory names."""
-    from utils.data import imagenet_loader
+    from utils.inputs.data import imagenet_loader
 
     class FakeDali:
         backend = "dali"

@@ -10,7 +10,7 @@ from thop import profile
 from conftest import ROOT
 from networks import create_net
 from networks.attentions import create_attention
-from utils.flops import PAPER_OPS, profile_model
+from utils.reporting.flops import PAPER_OPS, profile_model
 
 # The paper's table (SimAM rows; plain networks have the same figures): params M, FLOPs G.
 PAPER = {
@@ -52,7 +52,7 @@ def test_exact_counts_of_the_2020_convention(rows):
 
 def test_simam_elementwise_by_hand():
     # ResNet-18 + SimAM at 224: SimAM sees each BasicBlock's conv2 output, 2 blocks per stage.
-    # Per channel of M values: 8 M + 4 ops (see utils/flops.py).
+    # Per channel of M values: 8 M + 4 ops (see utils/reporting/flops.py).
     stages = [(64, 56), (128, 28), (256, 14), (512, 7)]
     expected = sum(2 * c * (8 * s * s + 4) for c, s in stages)
     assert profile_model(create_net("resnet18", "simam"))["attention_elementwise"] == expected

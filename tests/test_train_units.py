@@ -15,8 +15,8 @@ from conftest import ROOT, TINY, make_tiny_data, seed
 from networks import create_net
 from utils import UserError
 from utils.args import get_args_parser, parse_args, run_name
-from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_atomic, set_rng_state
-from utils.data import EpochLoader, SafeImageFolder, ShardSampler, collate_skipping, imagenet_transforms
+from utils.lifecycle.checkpoint import load_checkpoint, load_model_weights, rng_state, save_atomic, set_rng_state
+from utils.inputs.data import EpochLoader, SafeImageFolder, ShardSampler, collate_skipping, imagenet_transforms
 from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
 from utils.schedule import lr_at
 
@@ -165,7 +165,7 @@ def test_non_finite_loss_raises():
 WRITER = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from utils.checkpoint import save_atomic
+from utils.lifecycle.checkpoint import save_atomic
 for i in range(1, 10**6):
     print("writing", i, flush=True)
     save_atomic({"i": i, "w": torch.full((3_000_000,), float(i))}, sys.argv[1])
@@ -256,7 +256,7 @@ def test_gpu_ids_follow_the_reference_syntax():
 
 
 def test_checkpoint_identity_names_the_differing_setting():
-    from utils.checkpoint import check_identity
+    from utils.lifecycle.checkpoint import check_identity
     ours = {"arch": "resnet50", "attention_type": "simam", "attention_param": 0.1}
     check_identity(ours, "c.pth", "resnet50", "simam", 0.1)
     check_identity({"arch": "resnet50"}, "ref.pth", "resnet50", "simam", 0.1)  # reference: arch only

@@ -17,11 +17,11 @@ def error_line(e):
 def cli_main(main):
     """Run a script's `main()` the way every entry point reports: bad input is one `error:` line and
     exit 1; a stop by SIGTERM/SIGUSR1 (checkpoint saved, line already printed) exits 128 + signal;
-    Ctrl-C is one line and exit 130 (saves are never cut: utils.checkpoint defers the signal)."""
+    Ctrl-C is one line and exit 130 (saves are never cut: utils.lifecycle.checkpoint defers the signal)."""
     import signal
     import sys
     import threading
-    from .preempt import Preempted
+    from .lifecycle.preempt import Preempted
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:

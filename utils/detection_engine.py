@@ -3,7 +3,7 @@ initialising a detector's backbone from one of our ImageNet checkpoints.
 
 train_one_epoch takes utils.engine.train_one_epoch's arguments, mid-epoch resume ones included
 (start_iter, sums, boundary); the model returns its loss dict (criterion is unused). Batches are
-(images list, targets list, skipped paths) from utils.coco.CocoLoader.
+(images list, targets list, skipped paths) from utils.inputs.coco.CocoLoader.
 """
 import math
 import time
@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from . import UserError
-from .checkpoint import load_checkpoint, model_state
-from .coco import coco_eval, detections_to_coco, metrics_line
+from .lifecycle.checkpoint import load_checkpoint, model_state
+from .inputs.coco import coco_eval, detections_to_coco, metrics_line
 from .distributed import all_reduce_sum
 from .engine import NonFiniteLossError, optimizer_step, progress_line
 from .logger import RunLogger
@@ -126,7 +126,7 @@ def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logg
     bar = logger.progress(len(loader), desc)
     for images, targets, bad in loader:
         skipped += bad
-        # An unreadable image comes as None (utils.coco.CocoDetection): dropped, counted, not evaluated.
+        # An unreadable image comes as None (utils.inputs.coco.CocoDetection): dropped, counted, not evaluated.
         kept = [(im, t) for im, t in zip(images, targets) if im is not None]
         if not kept:
             if bar is not None:

@@ -69,7 +69,7 @@ def processes_to_start(nproc, gpu_ids):
     return nproc
 
 
-STOP_CODES = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}  # utils.preempt's clean stops
+STOP_CODES = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}  # utils.lifecycle.preempt's clean stops
 
 
 def spawn(nproc, fn, *args):
@@ -78,14 +78,14 @@ def spawn(nproc, fn, *args):
 
     The rendezvous store is served from here on a port the OS picks and that stays bound for the
     whole run, so two runs never clash. SIGINT/SIGTERM/SIGUSR1 to this process reach every rank (which
-    saves and stops as utils.preempt says); the exit then raises Preempted (128 + signal). A rank that
+    saves and stops as utils.lifecycle.preempt says); the exit then raises Preempted (128 + signal). A rank that
     fails ends the others: one UserError line naming the rank (a rank's own error line when it has one).
     """
     import torch.multiprocessing as mp
     from multiprocessing.connection import wait
 
     from . import UserError
-    from .preempt import Preempted
+    from .lifecycle.preempt import Preempted
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"  # torchrun's default for more than one process per node
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -163,7 +163,7 @@ def _rank_main(rank, nproc, port, errors, fn, args):
     import traceback
 
     from . import UserError, error_line
-    from .preempt import Preempted
+    from .lifecycle.preempt import Preempted
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Ctrl-C in a terminal reaches every rank (and the parent forwards it): each stops as on SIGTERM,

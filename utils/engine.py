@@ -3,7 +3,7 @@
 How to reuse (e.g. main_cifar.py):
 
     from utils.args import get_args_parser, parse_args       # common flags; add your own to the parser
-    from utils.data import EpochLoader                        # any Dataset returning (image, target)
+    from utils.inputs.data import EpochLoader                        # any Dataset returning (image, target)
     from utils.engine import train_one_epoch, evaluate
     from utils.schedule import schedule_from_args             # or your own lr_fn(epoch, it)
 
@@ -18,7 +18,7 @@ The rest of the job (DDP set-up, checkpoints, resume, metrics, run folder) is ut
 `run(args, task)`: a script describes its data and models with a `Task` and calls it, as
 main_imagenet.py does, instead of copying this loop.
 
-Batches may be (images, targets) or (images, targets, skipped_paths) (see utils/data.py).
+Batches may be (images, targets) or (images, targets, skipped_paths) (see utils/inputs/data.py).
 Under DDP both functions all-reduce their sums, so every rank returns the global figures.
 """
 import math
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import UserError
-from .data import UNREADABLE, normalize_uint8
+from .inputs.data import UNREADABLE, normalize_uint8
 from .distributed import all_reduce_sum
 from .logger import RunLogger
 
@@ -45,9 +45,9 @@ def _autocast(device, amp_dtype):
 
 
 def _unpack(batch, device, channels_last, amp_dtype=None):
-    """The one place batches move to the device. uint8 image batches (utils.data) become
+    """The one place batches move to the device. uint8 image batches (utils.inputs.data) become
     normalized floats there (in amp_dtype when given); float batches pass through as they are.
-    Rows whose target is utils.data.UNREADABLE (validation's replacements of unreadable images)
+    Rows whose target is utils.inputs.data.UNREADABLE (validation's replacements of unreadable images)
     are dropped first, on the CPU."""
     images, target = batch[0], batch[1]
     skipped = batch[2] if len(batch) > 2 else []
@@ -242,7 +242,7 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
 def evaluate(model, loader, device, *, amp_dtype=None, channels_last=False, logger=None, desc="val"):
     """Top-1/top-5 accuracy (%) and mean cross-entropy over every image of `loader`.
 
-    Sums are int64/float64 and all-reduced, so with utils.data.ShardSampler the result equals a
+    Sums are int64/float64 and all-reduced, so with utils.inputs.data.ShardSampler the result equals a
     single-process evaluation. Pass the model without its DDP wrapper (ranks may see different
     batch counts; DDP's forward would wait on the others).
     """

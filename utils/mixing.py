@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2
 
 from . import UserError
-from .data import sample_seed
+from .inputs.data import sample_seed
 
 
 class BatchMix:

@@ -18,18 +18,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import UserError, runfolder
+from . import UserError
+from .lifecycle import runfolder
 from .args import check_recipe_args, parse_gpu_ids, run_name
-from .checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
-                         rng_state, save_atomic, set_rng_state)
-from .data import EpochLoader
+from .lifecycle.checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
+                                   rng_state, save_atomic, set_rng_state)
+from .inputs.data import EpochLoader
 from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                           init_distributed, processes_to_start, spawn)
 from .engine import NonFiniteLossError, Stepper, evaluate, train_one_epoch
 from .logger import RunLogger
 from .mixing import batch_mix
 from .optim import ExponentialMovingAverage, make_ema, make_optimizer
-from .preempt import Preempted, StopFlags
+from .lifecycle.preempt import Preempted, StopFlags
 from .schedule import schedule_from_args
 
 
@@ -47,7 +48,7 @@ class Task:
     loader:     optional factory with EpochLoader's signature, (dataset, batch_size, workers, seed,
                 rank, world_size, train=..., pin_memory=..., collate_fn=...) -> obj with
                 obj(epoch) -> iterable of batches and len(obj); e.g. a loader that keeps the
-                data on the GPU. Default: utils.data.EpochLoader.
+                data on the GPU. Default: utils.inputs.data.EpochLoader.
     """
     name: str
     archs: Sequence[str]
@@ -57,7 +58,7 @@ class Task:
     model: Callable
     collate_fn: Callable = None
     image_size: int = 224  # for the params/FLOPs line
-    profile: Callable = None  # model -> utils.flops stats for that line; None: profile_model at image_size
+    profile: Callable = None  # model -> utils.reporting.flops stats for that line; None: profile_model at image_size
     loader: Callable = EpochLoader  # called as EpochLoader is; main_cifar.py serves batches from the device
     schedule: Callable = schedule_from_args  # (args, iters_per_epoch) -> lr_fn(epoch, it)
     # The loop and what it reports; the defaults are the classifiers' (main_coco.py sets its own).
@@ -139,7 +140,7 @@ def print_model_summary(model, args, task, logger):
     if not logger.enabled:
         return
     try:
-        from .flops import format_summary, profile_model  # both work on a copy
+        from .reporting.flops import format_summary, profile_model  # both work on a copy
         stats = task.profile(model) if task.profile else profile_model(model, image_size=task.image_size)
         for line in format_summary(args.arch, args.attention_type, stats).splitlines():
             logger.info(line)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import UserError
+from .. import UserError
 from .checkpoint import write_error
 
 CHECKPOINT = "checkpoint.pth.tar"

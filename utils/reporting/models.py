@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import UserError
-from .checkpoint import check_identity, load_checkpoint, load_model_weights, model_state
-from .trainer import num_classes_of
+from .. import UserError
+from ..lifecycle.checkpoint import check_identity, load_checkpoint, load_model_weights, model_state
+from ..trainer import num_classes_of
 
 SIMAM_LAMBDA = {"imagenet": 0.1, "cifar": 1e-4}  # the reference's runs, for checkpoints that do not record it
 
@@ -35,7 +35,7 @@ def fits(model, sd):
 def identify(ckpt, path, arch=None, attention_type=None, attention_param=None, archs=None):
     """(arch, attention_type, attention_param) of a checkpoint: recorded, given, or inferred.
 
-    Given values must agree with recorded ones (utils.checkpoint.check_identity); `archs` limits
+    Given values must agree with recorded ones (utils.lifecycle.checkpoint.check_identity); `archs` limits
     the architectures accepted (default: every registered one).
     """
     from networks import ATTENTION_CHOICES, MODELS, create_net

@@ -7,7 +7,7 @@ multiplying that class's images. Here such a link is an error naming it; other l
 import os
 from pathlib import Path
 
-from . import UserError
+from .. import UserError
 
 
 class SymlinkLoop(UserError):

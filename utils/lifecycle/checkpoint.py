@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import UserError
+from .. import UserError
 from .preempt import deferred_signals
 
 

@@ -15,7 +15,7 @@ CLASSES = (
     "h_stripes", "v_stripes", "checker", "rings", "dots",
     "disc", "square", "cross", "gradient", "speckle",
 )
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "demo"
 STAMP, VERSION = ".demo_version", "2: 10 classes x (60 train + 12 val), 64-96 px, seed 0"
 
 

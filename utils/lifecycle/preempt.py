@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from .distributed import all_reduce_sum
+from ..distributed import all_reduce_sum
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import UserError
+from .. import UserError
 
 # The paper's ImageNet figures: (top-1, top-5 or None, source key). Source: ../shared/paper/simam.md,
 # which copies the reference README's table, the reference's own logs and torchvision's V1 weights.
@@ -121,7 +121,7 @@ def read_args(run):
 
 def read_metrics(run):
     """The rows of <run>/metrics.jsonl, one per epoch; a half-written last line (a crash) is ignored."""
-    from .runfolder import METRICS, read_rows
+    from ..lifecycle.runfolder import METRICS, read_rows
     return read_rows(Path(run) / METRICS)
 
 
@@ -148,11 +148,11 @@ _STATS = {}
 
 
 def model_stats(arch, attention_type, attention_param, num_classes=1000, image_size=224):
-    """Params and FLOPs in the paper's convention (utils.flops), cached per model."""
+    """Params and FLOPs in the paper's convention (utils.reporting.flops), cached per model."""
     key = (arch, attention_type, attention_param, num_classes, image_size)
     if key not in _STATS:
         from networks import create_net
-        from utils.flops import profile_model
+        from utils.reporting.flops import profile_model
         model = create_net(arch, attention_type, attention_param, num_classes=num_classes)
         _STATS[key] = profile_model(model, image_size=image_size)
     return _STATS[key]

@@ -29,9 +29,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from . import UserError
+from .. import UserError
 from .imagefiles import walk_images
-from .preempt import end_workers_at_exit, ignore_stop_signals_in_worker
+from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,7 +305,7 @@ class SafeImageFolder(datasets.ImageFolder):
     so it is not evaluated twice). skipped_paths holds the sample's own file only when unreadable:
     a bad file met while looking for a replacement is reported by its own index, so counts are
     files, not skip events. Files are listed in ImageFolder's order, but a directory symlink loop
-    is an error (utils.imagefiles).
+    is an error (utils.inputs.imagefiles).
     """
 
     @staticmethod
@@ -475,10 +475,10 @@ class EpochLoader:
 
 def imagenet_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
                     pin_memory=False, collate_fn=None, ra_reps=1):
-    """Task.loader of main_imagenet.py: EpochLoader, or utils.dali.DaliLoader for DALI datasets
+    """Task.loader of main_imagenet.py: EpochLoader, or utils.inputs.dali.DaliLoader for DALI datasets
     (which main_imagenet.py does not give the recipe's data flags: it refuses them)."""
     if getattr(dataset, "backend", None) == "dali":
-        # DaliImageFolder builds its own DaliLoader, so that utils.data never imports the optional utils.dali.
+        # DaliImageFolder builds its own DaliLoader, so that utils.inputs.data never imports the optional utils.inputs.dali.
         # The trainer pins memory exactly when it trains on a GPU (the current device): decode there.
         device = torch.device("cuda", torch.cuda.current_device()) if pin_memory else torch.device("cpu")
         return dataset.make_loader(batch_size, workers, seed, rank, world_size, train=train, device=device)

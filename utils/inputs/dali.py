@@ -3,7 +3,7 @@
 Optional (pip install -r requirements-dali.txt); imported only when that backend is chosen.
 Without a GPU the same pipeline decodes on the CPU (device "cpu"), which is what the tests run.
 
-Same interface and seeding as utils.data: DaliLoader(dataset, ...)(epoch, start_batch=k) yields
+Same interface and seeding as utils.inputs.data: DaliLoader(dataset, ...)(epoch, start_batch=k) yields
 (uint8 NCHW images, targets, skipped_paths); images live on the GPU when one is used, and
 engine._unpack normalizes them there. DALI draws nothing at random: the Python side reads the
 file, its size from the JPEG header, and the crop window and flip from TrainTransform.params with
@@ -11,7 +11,7 @@ sample_seed(seed, epoch, index) (the torch backend's own windows); DALI decodes 
 (ROI decode), resizes and flips. Not bit-exact with the torch backend: nvJPEG's IDCT and chroma
 upsampling and DALI's antialiased linear resize differ from libjpeg-turbo + torchvision by a few
 levels of 255, and validation's resize rounds the longer side where torchvision truncates.
-Unreadable files: those whose header PIL cannot read are skipped and counted as in utils.data; a
+Unreadable files: those whose header PIL cannot read are skipped and counted as in utils.inputs.data; a
 file with a valid header and corrupt data stops the run with DALI's decoder error.
 """
 import io
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from . import UserError
+from .. import UserError
 from .data import MAX_BAD_IN_A_ROW, UNREADABLE, DistributedSampler, ShardSampler, TrainTransform, epoch_batches
 
 try:
@@ -36,7 +36,7 @@ except ImportError as e:  # one clear line instead of a traceback (main_imagenet
 class DaliImageFolder(datasets.ImageFolder):
     """The file list and transform settings of an ImageFolder; DaliLoader does the reading.
 
-    transform: utils.data.TrainTransform (random crop + flip) or ValTransform (resize + center crop).
+    transform: utils.inputs.data.TrainTransform (random crop + flip) or ValTransform (resize + center crop).
     """
     backend = "dali"
 
@@ -45,12 +45,12 @@ class DaliImageFolder(datasets.ImageFolder):
         self.transform, self.evaluate_once = transform, evaluate_once
 
     def make_loader(self, batch_size, workers, seed, rank=0, world_size=1, train=True, device=None):
-        """Its DaliLoader (utils.data.imagenet_loader asks the dataset, so utils.data never imports this module)."""
+        """Its DaliLoader (utils.inputs.data.imagenet_loader asks the dataset, so utils.inputs.data never imports this module)."""
         return DaliLoader(self, batch_size, workers, seed, rank, world_size, train=train, device=device)
 
     def read(self, index, seed):
         """(encoded bytes, start [x, y], shape [w, h], flip, target, skipped) of one sample, with
-        the replacement logic of utils.data.SafeImageFolder."""
+        the replacement logic of utils.inputs.data.SafeImageFolder."""
         skipped = []
         for k in range(MAX_BAD_IN_A_ROW + 1):
             path, target = self.samples[(index + k) % len(self.samples)]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import UserError
+from .. import UserError
 from .data import RASampler, sample_seed, worker_seed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the reference's values (as in its main_cifar.py)
@@ -260,9 +260,9 @@ class DeviceLoader:
     is dropped (BatchNorm). eval: the contiguous shard [r*N//w, (r+1)*N//w) in order, unaugmented,
     so over all ranks every image is counted exactly once.
 
-    Recipe options (train only). ra_reps > 1: the order is utils.data.RASampler's (repeated
+    Recipe options (train only). ra_reps > 1: the order is utils.inputs.data.RASampler's (repeated
     augmentation), and copy r of image i is augmented as "image" i + r * N. augment: a
-    utils.data.SampleAugment (--auto-augment, --random-erase) applied after the crop and flip to each
+    utils.inputs.data.SampleAugment (--auto-augment, --random-erase) applied after the crop and flip to each
     image on the CPU, seeded by sample_seed(seed, epoch, key) (per sample: slower than the batched path).
     """
 

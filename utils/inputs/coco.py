@@ -27,9 +27,9 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from . import UserError
+from .. import UserError
 from .data import MAX_BAD_IN_A_ROW, ShardSampler, pil_rgb
-from .preempt import end_workers_at_exit, ignore_stop_signals_in_worker
+from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker
 from .demo_data import ensure_generated
 
 SPLITS = ("train", "val")
@@ -299,7 +299,7 @@ def grouped_batches(dataset, batch_size, seed, epoch, world_size):
 
 
 class CocoLoader:
-    """Called as utils.data.EpochLoader (the trainer's Task.loader); `loader(epoch, start_batch=k)`
+    """Called as utils.inputs.data.EpochLoader (the trainer's Task.loader); `loader(epoch, start_batch=k)`
     yields that epoch's batches from k on, the first k skipped without being loaded.
 
     Training: grouped_batches, this rank's share. Evaluation: one image per batch (torchvision's and
@@ -405,7 +405,7 @@ def metrics_line(iou_type, metrics):
 
 # ---------------------------------------------------------------- demo data
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "coco_demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "data" / "coco_demo"
 DEMO_CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"})
 DEMO_STAMP, DEMO_VERSION = ".demo_version", "1: 3 shapes, 96 train + 24 val images, 96-160 px, seed 0"
 
@@ -467,5 +467,5 @@ def make_coco_demo(out, train_images=96, val_images=24, sizes=(96, 160), seed=0)
 
 
 def ensure_coco_demo(root=DEMO_DIR):
-    """The cached demo set, generated on first use (utils.demo_data.ensure_generated)."""
+    """The cached demo set, generated on first use (utils.inputs.demo_data.ensure_generated)."""
     return ensure_generated(root, make_coco_demo, DEMO_VERSION, stamp=DEMO_STAMP)
