@@ -2,7 +2,6 @@
 no module of utils/ or networks/ imports itself back through others. Read from the source with ast, so
 imports inside functions count as much as those at the top of a file."""
 import ast
-from pathlib import Path
 
 import torch
 

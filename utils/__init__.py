@@ -5,6 +5,15 @@ class UserError(Exception):
     """Bad input (arguments, data, checkpoint): the scripts print it as one line and exit non-zero."""
 
 
+class Preempted(Exception):
+    """A stop by signal, raised after the checkpoint is on disk; the script exits with 128 + the signal number.
+    (Here beside UserError, not in utils.lifecycle.preempt, so that cli_main imports no submodule.)"""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def error_line(e):
     """The one line to print for a UserError, also when a DataLoader worker re-raised it (the
     wrapper's message carries the worker's whole traceback; its last line is the original)."""
@@ -21,7 +30,6 @@ def cli_main(main):
     import signal
     import sys
     import threading
-    from .lifecycle.preempt import Preempted
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:

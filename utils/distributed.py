@@ -84,8 +84,7 @@ def spawn(nproc, fn, *args):
     import torch.multiprocessing as mp
     from multiprocessing.connection import wait
 
-    from . import UserError
-    from .lifecycle.preempt import Preempted
+    from . import Preempted, UserError
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"  # torchrun's default for more than one process per node
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -162,8 +161,7 @@ def _rank_main(rank, nproc, port, errors, fn, args):
     """One spawned rank: torchrun's variables, the parent's store, and the scripts' exit conventions."""
     import traceback
 
-    from . import UserError, error_line
-    from .lifecycle.preempt import Preempted
+    from . import Preempted, UserError, error_line
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Ctrl-C in a terminal reaches every rank (and the parent forwards it): each stops as on SIGTERM,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import UserError
+from . import Preempted, UserError
 from .lifecycle import runfolder
 from .args import check_recipe_args, parse_gpu_ids, run_name
 from .lifecycle.checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
@@ -30,7 +30,7 @@ from .engine import NonFiniteLossError, Stepper, evaluate, train_one_epoch
 from .logger import RunLogger
 from .mixing import batch_mix
 from .optim import ExponentialMovingAverage, make_ema, make_optimizer
-from .lifecycle.preempt import Preempted, StopFlags
+from .lifecycle.preempt import StopFlags
 from .schedule import schedule_from_args
 
 

@@ -17,14 +17,6 @@ from ..distributed import all_reduce_sum
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Preempted(Exception):
-    """Raised after the checkpoint is on disk; the script exits with 128 + the signal number."""
-
-    def __init__(self, signum, message):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 class StopFlags:
     def __init__(self, device, distributed=False, agree_every=1, save_every_minutes=None, is_main=True):
         self.device, self.distributed = device, distributed
