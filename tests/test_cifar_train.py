@@ -309,4 +309,4 @@ def test_seeds_script_runs_each_seed_and_summarises(tmp_path):
         best.append(json.loads((run_dir / "metrics.jsonl").read_text())["val_acc1"])
         assert f"seed {s}: {best[-1]:.3f}" in proc.stdout
     assert f"mean {np.mean(best):.2f} +- {np.std(best, ddof=1):.2f} (std over 2 seeds)" in proc.stdout
-    assert proc.stdout.count("=== seed 3 ===") == 1 and proc.stdout.count("seed 3: ") == 1
+    assert proc.stdout.count(f"=== seed {seed(3)} ===") == 1 and proc.stdout.count(f"seed {seed(3)}: ") == 1
