@@ -179,11 +179,15 @@ def test_ctrl_c_during_a_save_finishes_the_file_then_interrupts(tmp_path, monkey
         os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of writing
         real_save(obj, f)
     monkeypatch.setattr(torch, "save", save_and_get_interrupted)
+    # Python's own Ctrl-C handler, as in a terminal: a pytest started in the background (`make test &`,
+    # some CI shells) inherits SIGINT ignored, and the save rightly leaves an ignored signal alone.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     path = tmp_path / "c.pth.tar"
     try:
         with pytest.raises(KeyboardInterrupt):
             save_atomic({"w": torch.arange(10)}, path)
     finally:
+        signal.signal(signal.SIGINT, previous)
         release.set()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(10))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth.tar"]
