@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 import main_cifar
-from conftest import ROOT, THREADS, seed
+from conftest import ROOT, THREADS, assert_same_weights, seed
 from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, read_classes, read_split
 
 FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": THREADS}  # no kernel compilation for 2 tiny epochs
@@ -270,9 +270,10 @@ def test_recipe_schedule_and_reference_flags():
     assert [lr(e, 0) for e in (0, 1, 81, 82, 122, 123, 163)] == pytest.approx([0.01, 0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
 
 
-def test_torchrun_two_ranks_validate_like_one_process(tmp_path):
+def test_torchrun_two_ranks_validate_like_one_process_and_equal_nproc_2(tmp_path):
     """2 gloo ranks, total batch 16: each rank trains on its own 32 of the 64 images (4 steps), and the
-    sharded validation (40 images, test batch 7 -> 4 per rank) equals a single-process evaluation."""
+    sharded validation (40 images, test batch 7 -> 4 per rank) equals a single-process evaluation.
+    `--nproc 2` (ranks spawned by the script) gives the same run bit for bit."""
     write_cifar(tmp_path / "data", "cifar100")
     common = [str(ROOT / "main_cifar.py"), "--dataset", "cifar100", "--dataset_dir", str(tmp_path / "data"),
               "-a", "resnet20", "--seed", str(seed(1))]
@@ -291,6 +292,20 @@ def test_torchrun_two_ranks_validate_like_one_process(tmp_path):
     assert m, one.stdout[-2000:] + one.stderr[-2000:]
     assert (m.group(1), m.group(2), int(m.group(4))) == (f"{row['val_acc1']:.3f}", f"{row['val_acc5']:.3f}", 40)
     assert float(m.group(3)) == pytest.approx(row["val_loss"], abs=1e-4)
+
+    # --nproc 2: the script starts the same two gloo ranks itself; the run equals torchrun's bit for bit.
+    spawned = subprocess.run([sys.executable, *common, "-b", "16", "--epochs", "1", "--test-batch-size", "7", "-p", "1",
+                              "--nproc", "2", "--ckpt", str(tmp_path / "spawned")], cwd=ROOT, capture_output=True,
+                             text=True, timeout=240, env=env)
+    assert spawned.returncode == 0 and "Traceback" not in spawned.stderr, spawned.stderr[-3000:]
+    assert spawned.stdout.count("Epoch 1/1:") == 1  # rank 0 alone prints
+    mine = tmp_path / "spawned" / run_dir.name
+    assert json.loads((mine / "args.json").read_text())["world_size"] == 2
+    assert_same_weights(torch.load(run_dir / "checkpoint.pth.tar", weights_only=True),
+                        torch.load(mine / "checkpoint.pth.tar", weights_only=True), momentum=True)
+    clock = {"epoch_time", "images_per_sec"}
+    assert {k: v for k, v in json.loads((mine / "metrics.jsonl").read_text()).items() if k not in clock} == \
+        {k: v for k, v in row.items() if k not in clock}
 
 
 def test_seeds_script_runs_each_seed_and_summarises(tmp_path):

@@ -108,7 +108,7 @@ def test_training_records_epochs_resumes_bit_exact_and_evaluates(tmp_path):
     assert count == 4 and dets == rows[1]["val_detections"] and line == row_line(rows[1], ("bbox",))
 
 
-def test_torchrun_mask_rcnn_evaluation_equals_single_process(tmp_path):
+def test_torchrun_mask_rcnn_evaluation_equals_single_process_and_nproc_2(tmp_path):
     data = make_coco_demo(tmp_path / "data", train_images=8, val_images=5)  # odd: uneven shards
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     args = TINY + ["--detector", "mask_rcnn", "--seed", str(seed(1))] + MODEL_KW
@@ -120,3 +120,13 @@ def test_torchrun_mask_rcnn_evaluation_equals_single_process(tmp_path):
     assert set(KEYS) <= set(row)
     line, count, dets = eval_line(run_coco(data, ["-e", "--resume", run_dir / "checkpoint.pth.tar"] + args))
     assert count == 5 and dets == row["val_detections"] > 0 and line == row_line(row, ("bbox", "segm"))
+
+    # --nproc 2: the script starts the same two gloo ranks itself; the run equals torchrun's bit for bit.
+    out = run_coco(data, ["--epochs", "1", "--nproc", "2", "--ckpt", tmp_path / "spawned"] + args)
+    assert out.count("Epoch 1/1:") == 1 and out.count("IoU metric: segm") == 1
+    mine = tmp_path / "spawned" / run_dir.name
+    assert json.loads((mine / "args.json").read_text())["world_size"] == 2
+    assert_same_weights(load(run_dir / "checkpoint.pth.tar"), load(mine / "checkpoint.pth.tar"), momentum=True)
+    clock = {"epoch_time", "images_per_sec"}
+    assert [{k: v for k, v in r.items() if k not in clock} for r in metrics(mine)] == \
+        [{k: v for k, v in r.items() if k not in clock} for r in metrics(run_dir)]

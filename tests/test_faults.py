@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import main_imagenet
-from conftest import ROOT, TINY, make_tiny_data, run_cli
+from conftest import ROOT, THREADS, TINY, make_tiny_data, run_cli, seed
 from utils import UserError
 from utils.lifecycle import runfolder
 from utils.lifecycle.checkpoint import save_atomic
 
-RUN = "imagenet-resnet18-seed0"
+RUN = f"imagenet-resnet18-seed{seed(0)}"
 
 
 def load(path):
@@ -45,7 +45,7 @@ def data(tmp_path_factory):
 
 
 def args(data, ckpt, epochs, *extra):
-    return [data, *TINY, "-b", "2", "--lr", "0.01", "-j", "0", "--seed", "0", "--epochs", epochs,
+    return [data, *TINY, "-b", "2", "--lr", "0.01", "-j", "0", "--seed", seed(0), "--epochs", epochs,
             "--ckpt", ckpt, *extra]
 
 
@@ -55,7 +55,7 @@ def signal_group(cmd, marker, sigs, gap=0.05, timeout=240):
     """Start `cmd` in a session of its own; once a stdout line holds `marker`, send each of `sigs` to
     the whole process group (`gap` seconds apart), as scancel or a terminal's Ctrl-C do. Returns
     (returncode, stdout, stderr) once every process of the group has ended."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)  # as run_cli: the runs compared must agree
     proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines, sent = [], False
@@ -93,12 +93,12 @@ def test_sigterm_to_the_group_with_coco_loader_workers_saves_and_resumes(tmp_pat
     from test_coco_train import MODEL_KW, TINY as COCO_TINY
     from utils.inputs.coco import make_coco_demo
     coco = make_coco_demo(tmp_path / "data", train_images=8, val_images=2)
-    flags = [*COCO_TINY, "-b", "2", "-j", "2", "--seed", "0", "--epochs", "1", "--ckpt", tmp_path / "ck", *MODEL_KW]
+    flags = [*COCO_TINY, "-b", "2", "-j", "2", "--seed", seed(0), "--epochs", "1", "--ckpt", tmp_path / "ck", *MODEL_KW]
     cmd = [sys.executable, ROOT / "main_coco.py", coco, *flags, "-p", "1"]
     code, out, err = signal_group(cmd, "Epoch: [1][1/", [signal.SIGTERM])
     assert code == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "stopped by SIGTERM at epoch 1, iteration" in out, err[-3000:]
-    run = tmp_path / "ck" / "coco-faster_rcnn-resnet18-seed0"
+    run = tmp_path / "ck" / f"coco-faster_rcnn-resnet18-seed{seed(0)}"
     ck = load(run / "checkpoint.pth.tar")
     assert ck["epoch"] == 0 and ck["iteration"] >= 1 and ck["epoch_sums"]["images"] == 2 * ck["iteration"]
     assert temporaries(run) == []
@@ -115,10 +115,10 @@ def test_sigterm_to_the_group_of_a_cifar_run_saves(tmp_path):
     from test_cifar_train import write_cifar
     write_cifar(tmp_path / "data", "cifar10", n_train=64, n_test=16)
     cmd = [sys.executable, ROOT / "main_cifar.py", "--dataset", "cifar10", "--dataset_dir", tmp_path / "data",
-           "-a", "resnet20", "--epochs", "1", "-b", "8", "-p", "1", "-j", "2", "--seed", "0", "--ckpt", tmp_path / "ck"]
+           "-a", "resnet20", "--epochs", "1", "-b", "8", "-p", "1", "-j", "2", "--seed", seed(0), "--ckpt", tmp_path / "ck"]
     code, out, err = signal_group(cmd, "Epoch: [1][2/", [signal.SIGTERM])
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, out[-2000:] + err[-3000:]
-    ck = load(tmp_path / "ck" / "cifar10-resnet20-seed0" / "checkpoint.pth.tar")
+    ck = load(tmp_path / "ck" / f"cifar10-resnet20-seed{seed(0)}" / "checkpoint.pth.tar")
     assert ck["epoch"] == 0 and ck["iteration"] >= 2
     assert f"stopped by SIGTERM at epoch 1, iteration {ck['iteration']}/8" in out
 
@@ -277,12 +277,12 @@ def fake_runs(root):
     """Three seeds of one CIFAR setting as main_cifar.py leaves them (args.json, metrics.jsonl); best
     top-1 69.5, 70.25 and 68.0."""
     runs = []
-    for seed, best in ((0, 69.5), (1, 70.25), (2, 68.0)):
-        run = root / f"cifar100-resnet20-simam-param0.0001-seed{seed}"
+    for n, best in ((0, 69.5), (1, 70.25), (2, 68.0)):
+        run = root / f"cifar100-resnet20-simam-param0.0001-seed{n}"
         run.mkdir(parents=True)
         (run / "args.json").write_text(json.dumps(dict(
-            dataset="cifar100", arch="resnet20", attention_type="simam", attention_param=1e-4, epochs=2, seed=seed,
-            seed_used=seed, classes=100)))
+            dataset="cifar100", arch="resnet20", attention_type="simam", attention_param=1e-4, epochs=2, seed=n,
+            seed_used=n, classes=100)))
         (run / "metrics.jsonl").write_text("".join(json.dumps(dict(
             epoch=e, lr=0.1, train_loss=2.0, train_acc1=acc - 5, val_loss=1.5, val_acc1=acc, val_acc5=acc + 20)) + "\n"
             for e, acc in ((1, best - 3), (2, best))))

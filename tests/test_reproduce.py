@@ -129,7 +129,7 @@ def e2e(tmp_path_factory):
     simam_rows = (runs / RUN_SIMAM / "metrics.jsonl").read_text()
     env = dict(os.environ, WORKERS="0", CHECK_ARGS="--expect-classes 3 --expect-val-per-class 2 --expect-train 12",
                CONFIGS=f"{configs / 'resnet18_none.toml'}\n{configs / 'resnet18_simam.toml'}\n",
-               PYTHON=sys.executable, OMP_NUM_THREADS="2")
+               PYTHON=sys.executable)
     proc = subprocess.run([str(ROOT / "scripts" / "reproduce_imagenet.sh"), str(data), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
