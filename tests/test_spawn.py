@@ -146,3 +146,28 @@ def test_every_scripts_task_travels_to_spawned_ranks():
         again = pickle.loads(pickle.dumps(task))
         assert again.name == task.name and again.loader.__module__ == task.loader.__module__
     assert (cifar.nproc, coco.nproc) == (2, 2)
+
+
+def test_the_references_gpu_list_starts_one_rank_per_gpu(monkeypatch):
+    """`--gpu 0,1,2,3` without torchrun (the reference README's commands) starts 4 ranks, local rank i on
+    the i-th listed GPU; under torchrun, which started the ranks, the list only maps them. CUDA is
+    faked: the counting and the mapping need no GPU (the ranks' training is the CPU's, tested above)."""
+    from utils import UserError
+    from utils.distributed import init_distributed, processes_to_start
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert processes_to_start(None, [0, 1, 2, 3]) == 4
+    assert processes_to_start(None, [2]) == processes_to_start(None, None) == 1
+    assert processes_to_start(2, [0, 1, 2, 3]) == 2 and processes_to_start(4, None) == 4  # None: every GPU
+    with pytest.raises(UserError, match=r"--nproc 3: only 2 GPUs to use \(--gpu 2,3\)"):
+        processes_to_start(3, [2, 3])
+    for local_rank, want in ((0, 2), (1, 3)):  # --gpu 2,3: rank 0 on cuda:2, rank 1 on cuda:3
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert init_distributed([2, 3]).device == torch.device("cuda", want)
+    assert chosen == [torch.device("cuda", 2), torch.device("cuda", 3)]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert processes_to_start(None, [0, 1, 2, 3]) == 1
