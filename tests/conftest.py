@@ -89,16 +89,35 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
     cmd = (launcher or [sys.executable]) + [str(ROOT / script)] + [str(a) for a in args]
     # One intra-op thread: on a busy 2-core machine, 2-thread OpenMP steps run 10x slower, not 2x.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
-    # Own session, so a timeout kills torchrun's workers too instead of leaving them running.
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        kill_tree(proc.pid)
+        out, err = proc.communicate(timeout=60)
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid):
+    """SIGKILL a process and every descendant, those in sessions of their own too (torchrun starts its
+    ranks so): a rank left running would hold the output pipes open, and the test would wait for ever."""
+    from pathlib import Path
+    family, i = [pid], 0
+    while i < len(family):
+        tasks = Path(f"/proc/{family[i]}/task")
+        for task in (tasks.iterdir() if tasks.is_dir() else []):
+            try:
+                family += [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        i += 1
+    for p in family:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def pytest_configure(config):

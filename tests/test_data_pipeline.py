@@ -211,3 +211,43 @@ def test_unpack_normalizes_uint8_drops_unreadable_and_passes_floats_through():
     x = torch.randn(2, 3, 4, 5)
     images, _, _ = _unpack((x, torch.tensor([1, 0])), torch.device("cpu"), channels_last=False)
     assert images is x
+
+
+@pytest.mark.parametrize("version, forkserver", [((3, 11, 7), True), ((3, 10, 14), True), ((3, 9, 19), True),
+                                                 ((3, 11, 10), False), ((3, 10, 15), False), ((3, 9, 20), False),
+                                                 ((3, 12, 0), False), ((3, 14, 0), False)])
+def test_workers_come_from_a_fork_server_where_a_fork_can_hang(tiny_data, monkeypatch, version, forkserver):
+    """CPython gh-112275: before 3.11.10 / 3.10.15 / 3.9.20 a child forked while a native thread (gloo's,
+    nccl's) was entering Python can wait for ever on a lock; a torchrun rank hung so in this suite.
+    There the workers are forked by a single-threaded fork server; elsewhere the platform's default stays."""
+    import sys
+
+    from utils.lifecycle.preempt import worker_start_method
+    monkeypatch.setattr(sys, "version_info", (*version, "final", 0))
+    context = worker_start_method()
+    assert (context is not None and context.get_start_method() == "forkserver") == forkserver
+    monkeypatch.undo()
+    ds = SafeImageFolder(tiny_data / "train", TrainTransform(16))
+    loader = EpochLoader(ds, 5, 1, seed=7, collate_fn=collate_skipping)
+    assert loader.loader.multiprocessing_context is worker_start_method()  # what this interpreter needs
+    assert EpochLoader(ds, 5, 0, seed=7).loader.multiprocessing_context is None  # -j 0 starts no process
+
+
+def test_the_fork_server_ignores_the_signals_the_workers_ignore(tiny_data, monkeypatch):
+    """A terminal's Ctrl-C or scancel signals every process of the group, the workers' fork server too:
+    it must live on (the main process alone decides, and may still need workers), as the workers do."""
+    import re
+    import signal
+    import sys
+    from multiprocessing import forkserver
+    from pathlib import Path
+    monkeypatch.setattr(sys, "version_info", (3, 11, 7, "final", 0))  # an interpreter that needs the server
+    loader = EpochLoader(SafeImageFolder(tiny_data / "train", TrainTransform(16)), 5, 1, seed=7,
+                         collate_fn=collate_skipping)
+    monkeypatch.undo()
+    assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
+    images = next(iter(loader(0)))[0]
+    assert torch.equal(images, next(iter(EpochLoader(loader.loader.dataset, 5, 0, seed=7, collate_fn=collate_skipping)(0)))[0])
+    status = Path(f"/proc/{forkserver._forkserver._forkserver_pid}/status").read_text()
+    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    assert [s.name for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) if not ignored >> (s - 1) & 1] == []

@@ -29,7 +29,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from .. import UserError
 from .data import MAX_BAD_IN_A_ROW, ShardSampler, pil_rgb
-from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker
+from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
 from .demo_data import ensure_generated
 
 SPLITS = ("train", "val")
@@ -341,7 +341,8 @@ class CocoLoader:
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory,
                           generator=epoch_generator(self.seed, epoch),
                           # scancel / a time limit signal the whole job: workers live on while the main process saves
-                          worker_init_fn=ignore_stop_signals_in_worker)
+                          worker_init_fn=ignore_stop_signals_in_worker,
+                          multiprocessing_context=worker_start_method() if self.workers else None)
 
     def __len__(self):
         if not self.train:

@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .. import UserError
 from .imagefiles import walk_images
-from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker
+from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -458,6 +458,7 @@ class EpochLoader:
         self.loader = DataLoader(
             dataset, batch_sampler=self.batches, num_workers=workers, pin_memory=pin_memory,
             generator=self.generator, collate_fn=collate_fn, worker_init_fn=ignore_stop_signals_in_worker,
+            multiprocessing_context=worker_start_method() if workers else None,
             # Persistent workers keep their RNG across epochs: by default only for per-sample seeded transforms.
             persistent_workers=workers > 0 and (getattr(getattr(dataset, "transform", None), "seeded", False)
                                                 if persistent_workers is None else persistent_workers),
