@@ -103,7 +103,6 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
 def kill_tree(pid):
     """SIGKILL a process and every descendant, those in sessions of their own too (torchrun starts its
     ranks so): a rank left running would hold the output pipes open, and the test would wait for ever."""
-    from pathlib import Path
     family, i = [pid], 0
     while i < len(family):
         tasks = Path(f"/proc/{family[i]}/task")

@@ -224,12 +224,12 @@ def test_workers_come_from_a_fork_server_where_a_fork_can_hang(tiny_data, monkey
 
     from utils.lifecycle.preempt import worker_start_method
     monkeypatch.setattr(sys, "version_info", (*version, "final", 0))
-    context = worker_start_method()
+    context = worker_start_method(1)
     assert (context is not None and context.get_start_method() == "forkserver") == forkserver
     monkeypatch.undo()
     ds = SafeImageFolder(tiny_data / "train", TrainTransform(16))
     loader = EpochLoader(ds, 5, 1, seed=7, collate_fn=collate_skipping)
-    assert loader.loader.multiprocessing_context is worker_start_method()  # what this interpreter needs
+    assert loader.loader.multiprocessing_context is worker_start_method(1)  # what this interpreter needs
     assert EpochLoader(ds, 5, 0, seed=7).loader.multiprocessing_context is None  # -j 0 starts no process
 
 

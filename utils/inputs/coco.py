@@ -342,7 +342,7 @@ class CocoLoader:
                           generator=epoch_generator(self.seed, epoch),
                           # scancel / a time limit signal the whole job: workers live on while the main process saves
                           worker_init_fn=ignore_stop_signals_in_worker,
-                          multiprocessing_context=worker_start_method() if self.workers else None)
+                          multiprocessing_context=worker_start_method(self.workers))
 
     def __len__(self):
         if not self.train:

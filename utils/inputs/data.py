@@ -458,7 +458,7 @@ class EpochLoader:
         self.loader = DataLoader(
             dataset, batch_sampler=self.batches, num_workers=workers, pin_memory=pin_memory,
             generator=self.generator, collate_fn=collate_fn, worker_init_fn=ignore_stop_signals_in_worker,
-            multiprocessing_context=worker_start_method() if workers else None,
+            multiprocessing_context=worker_start_method(workers),
             # Persistent workers keep their RNG across epochs: by default only for per-sample seeded transforms.
             persistent_workers=workers > 0 and (getattr(getattr(dataset, "transform", None), "seeded", False)
                                                 if persistent_workers is None else persistent_workers),

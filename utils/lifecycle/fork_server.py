@@ -1,6 +1,6 @@
 """Imported only by the loader workers' fork server, first of what it preloads
-(`preempt.worker_start_method`): the server ignores Ctrl-C and the job's stop signals from its first
-second on, as the workers it forks do, so a signal to the whole process group (a terminal's Ctrl-C,
+(`preempt.worker_start_method`): the server ignores Ctrl-C and the job's stop signals from the moment
+it starts importing, as the workers it forks do, so a signal to the whole process group (a terminal's Ctrl-C,
 scancel) leaves the loaders as they were and the main process alone decides. (Python's own forkserver
 ignores Ctrl-C only once its preloads are imported, which takes seconds.) The server ends when the main
 process does: multiprocessing closes its pipe."""

@@ -95,21 +95,22 @@ def deferred_signals():
                 signal.raise_signal(s)
 
 
-def worker_start_method():
-    """DataLoader's multiprocessing_context: None (the platform's: fork on Linux before Python 3.14),
-    or the "forkserver" context on the CPython releases where a fork can hang the child for ever.
+def worker_start_method(workers):
+    """DataLoader's multiprocessing_context for `workers` workers: None (no workers, or the platform's
+    method: fork on Linux before Python 3.14), or the "forkserver" context on the CPython releases where
+    a fork can hang the child for ever.
 
-    Before 3.11.10 (3.10.15, 3.9.20), a child forked while another thread was creating or ending a
-    Python thread state waits on a lock nobody will release (CPython gh-112275). DDP's gloo threads do
-    that when a collective completes, the loader's queue threads when they start and end: seen here as a
-    torchrun rank whose validation worker never started, the other rank waiting in all_reduce. A fork
+    Before 3.11.10 (3.10.15, 3.9.20), a child forked while a native thread was entering Python (making
+    itself a thread state) waits on a lock nobody will release (CPython gh-112275). DDP's gloo and nccl
+    threads enter Python: seen here as a torchrun rank whose validation worker never started, the other
+    rank waiting in all_reduce. A fork
     server (a single-threaded process that forks the workers) has no other thread; it is what Python
     3.14 uses by default. The cost: each worker unpickles the dataset, once a run (persistent workers).
     """
     import sys
     v = sys.version_info[:3]
     fixed = v >= (3, 11, 10) or (3, 10, 15) <= v < (3, 11) or (3, 9, 20) <= v < (3, 10)
-    if fixed or not sys.platform.startswith("linux"):
+    if not workers or fixed or not sys.platform.startswith("linux"):
         return None
     import multiprocessing
     context = multiprocessing.get_context("forkserver")
