@@ -5,6 +5,7 @@ written. A config file's keys are argparse dest names (arch, batch_size, weight_
 its values become parser defaults, so flags given on the command line still win.
 """
 import argparse
+import copy
 import math
 import sys
 import tomllib
@@ -155,15 +156,39 @@ def check_recipe_args(args):
         raise UserError("--use-ema goes with --save_weights (it exports the EMA weights)")
 
 
+class Args(argparse.Namespace):
+    """The parsed flags. `given` (a slot, so vars(args), args.json and the checkpoint hold the flags
+    only) is the set of dests set on the command line itself, not by a default or --config: what a
+    run or a checkpoint records fills in the rest (utils.args.given)."""
+    __slots__ = ("given",)
+
+
+def given(args):
+    """The dests the command line set itself; empty for a Namespace built elsewhere."""
+    return getattr(args, "given", None) or frozenset()
+
+
+def given_dests(parser, argv):
+    """Which dests `argv` sets explicitly: argv parsed by a copy of the parser that has no defaults."""
+    bare = copy.deepcopy(parser)
+    bare._defaults = {}
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(bare.parse_args(argv)))
+
+
 def parse_args(parser, argv=None):
-    """parse_args with `--config FILE` defaults applied first; unknown keys are an error."""
+    """parse_args with `--config FILE` defaults applied first; unknown keys are an error.
+    The result's `.given` names the flags the command line set itself."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config(parser, known.config))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=Args())
+    args.given = given_dests(parser, argv)
+    return args
 
 
 def load_config(parser, path):
