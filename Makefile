@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 # The demo run's curves and Grad-CAM maps (one validation image per class), next to its checkpoints.
-DEMO_RUN := runs/demo/imagenet-resnet18-simam-param0.1-seed0
+DEMO_RUN := runs/demo/imagenet-resnet18-simam-param0.1-93f6aa21-seed0  # scripts/demo.py:demo_run_dir() (a test checks)
 figures: $(STAMP)
 	test -f $(DEMO_RUN)/model_best.pth.tar || $(PY) scripts/demo.py
 	$(PY) scripts/plot_curves.py $(DEMO_RUN) -o runs/demo/curves.png

@@ -12,6 +12,7 @@ The job around the loop (DDP, checkpoints, resume, metrics) is utils/trainer.py'
 the models are networks/detection.py, the data and COCOeval utils/inputs/coco.py, the loop
 utils/detection_engine.py. Docs: docs/coco.md.
 """
+import argparse
 import functools
 import os
 
@@ -97,6 +98,9 @@ def resolve_defaults(args):
     args.model_kw = model_kw(args.model_kw) if isinstance(args.model_kw, list) else dict(args.model_kw)
     if args.data is None:
         args.model_kw = {**DEMO_MODEL_KW, **args.model_kw}
+    if getattr(args, "defaults", None):  # the defaults the run folder's recipe digest compares with, resolved alike
+        base = resolve_defaults(argparse.Namespace(**{**args.defaults, "data": args.data}))
+        args.defaults = {k: v for k, v in vars(base).items() if k in args.defaults}
     return args
 
 
@@ -192,7 +196,7 @@ def make_task(args):
 
 def main(argv=None):
     def go():
-        args = resolve_defaults(parse_args(get_args_parser(), argv))
+        args = parse_args(get_args_parser(), argv, resolve=resolve_defaults)
         if args.pretrained_backbone and not args.resume and not os.path.isfile(args.pretrained_backbone):
             raise UserError(f"--pretrained-backbone checkpoint not found: {args.pretrained_backbone}")
         return run(args, make_task(args))

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # several times faster than letting a 2-thread OpenMP pool compete with the loader.
 ENV = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 sys.path.insert(0, str(ROOT))
-from utils.args import run_name  # noqa: E402
+from utils.args import parse_args  # noqa: E402
 from utils.inputs.demo_data import CLASSES, ensure_demo_dataset  # noqa: E402
 
 EPOCHS = 20
@@ -26,6 +26,15 @@ COMMON = ["-a", "resnet18", "--attention_type", "simam", "--attention_param", "0
           "--train-crop-size", "64", "--val-resize-size", "72", "--val-crop-size", "64", "-j", "1"]
 TRAIN = ["--epochs", str(EPOCHS), "-b", "32", "--lr", "0.02", "--cos_lr", "--warmup-epochs", "1",
          "--seed", "0", "-p", "5", "--ckpt", "runs/demo"]
+
+
+def demo_run_dir():
+    """The demo run's folder (relative to the repository), named by the trainer's own rule (utils.recipe);
+    the Makefile's DEMO_RUN is this path."""
+    from main_imagenet import get_args_parser
+    from utils.recipe import folder_name
+    args = parse_args(get_args_parser(), COMMON + TRAIN)
+    return Path(args.ckpt) / folder_name("imagenet", args)
 
 
 def step(title):
@@ -39,7 +48,7 @@ def main():
     n = sum(1 for _ in root.rglob("*.JPEG"))
     print(f"{root.relative_to(ROOT)}: {n} images, {len(CLASSES)} classes ({', '.join(CLASSES)})")
 
-    run_dir = ROOT / "runs" / "demo" / run_name("imagenet", "resnet18", "simam", 0.1, 0)
+    run_dir = ROOT / demo_run_dir()
     step(f"2/3 training SimAM-ResNet-18 for {EPOCHS} epochs on the CPU")
     # An earlier demo is continued (or, finished, left as it is), never started over: `make clean` removes it.
     resume = ["--resume", str((run_dir / "checkpoint.pth.tar").relative_to(ROOT))] \

@@ -14,8 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils import UserError  # noqa: E402
-from utils.args import parse_args, run_name  # noqa: E402
-from utils.reporting.runs import effective_param, read_metrics  # noqa: E402
+from utils.args import parse_args  # noqa: E402
+from utils.recipe import folder_name  # noqa: E402
+from utils.reporting.runs import read_metrics  # noqa: E402
 
 
 def script_for(argv):
@@ -36,19 +37,16 @@ def plan(argv):
     """("done", run_dir) when every epoch is in metrics.jsonl, ("resume", checkpoint) when a checkpoint
     is there, else ("new", run_dir). Uses the trainer's own parser, so flags and config merge the same way."""
     script = script_for(argv)
+    resolve = None
     if script == "main_coco.py":
-        from main_coco import get_args_parser
+        from main_coco import get_args_parser, make_task
+        from main_coco import resolve_defaults as resolve  # epochs, -b, sizes: recipe or demo defaults
     else:
-        from main_imagenet import get_args_parser
+        from main_imagenet import get_args_parser, make_task
     parser = get_args_parser()
     parser.prog = script  # errors name the flags' owner
-    args = parse_args(parser, argv)
-    if script == "main_coco.py":
-        from main_coco import resolve_defaults
-        args = resolve_defaults(args)  # epochs, -b, sizes: recipe or demo defaults
-    param = effective_param(args.attention_type, args.attention_param)
-    prefix = f"coco-{args.detector}" if script == "main_coco.py" else "imagenet"
-    run = Path(args.ckpt) / run_name(prefix, args.arch, args.attention_type, param, args.seed)
+    args = parse_args(parser, argv, resolve=resolve)
+    run = Path(args.ckpt) / folder_name(make_task(args).name, args)  # the trainer's own name: utils.recipe
     epochs_done = max((r["epoch"] for r in read_metrics(run)), default=0) if (run / "metrics.jsonl").is_file() else 0
     if epochs_done >= args.epochs:
         return "done", run

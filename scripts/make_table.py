@@ -5,8 +5,10 @@
     python scripts/make_table.py checkpoints/ --write-csv results.csv > results.md   # both
     python scripts/make_table.py checkpoints/cifar100-resnet20-simam-param0.0001-seed*   # mean +- std
 
-Runs that differ only in their seed (same dataset, model, attention and parameter) are one row:
-mean +- sample std of their best top-1/top-5 (`--per-seed` lists them one by one).
+Runs that differ only in their seed (same dataset, model, attention, parameter and recipe: every training
+setting, utils/recipe.py) are one row: mean +- sample std of their best top-1/top-5 (`--per-seed` lists
+them one by one). Runs of a model with other settings (another --lr, --epochs, ...) are rows of their
+own, whose Settings column names what differs.
 
 Each run folder's args.json (the trainer's merged settings) names the model; metrics.jsonl gives the
 best validation top-1 over the epochs so far and that epoch's top-5. Params/FLOPs come from
@@ -26,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
 from utils.reporting.runs import (RECIPE_CSV_FIELDS, aggregate_seeds, coco_csv_table, coco_markdown_table, coco_run_row,
-                                  csv_table, find_runs, is_coco_run, markdown_table, read_args, read_each,
-                                  recipe_markdown_table, recipe_name, recipe_row, run_row, sort_rows)
+                                  csv_table, find_runs, is_coco_run, markdown_table, name_settings, read_args,
+                                  read_each, recipe_markdown_table, recipe_name, recipe_row, run_row, sort_rows)
 
 
 def main(argv=None):
@@ -45,8 +47,8 @@ def main(argv=None):
             return ("recipe", recipe_row(run)) if recipe_name(read_args(run)) else ("paper", run_row(run))
         read = read_each(find_runs(args.runs), kind_and_row)
         coco, rows, recipe = ([row for kind, row in read if kind == want] for want in ("coco", "paper", "recipe"))
-        rows = sort_rows(rows if args.per_seed else aggregate_seeds(rows))
-        recipe = sort_rows(recipe if args.per_seed else aggregate_seeds(recipe))
+        rows = sort_rows(name_settings(rows) if args.per_seed else aggregate_seeds(rows))
+        recipe = sort_rows(name_settings(recipe) if args.per_seed else aggregate_seeds(recipe))
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")
     csv_tables = ([csv_table(rows)] if rows else []) + ([csv_table(recipe, RECIPE_CSV_FIELDS)] if recipe else []) + \

@@ -22,22 +22,27 @@ from utils.reporting.runs import ARCH_LABEL, DATASET_LABEL, aggregate_seeds, fin
 
 
 def model_label(key):
-    dataset, arch, classes = key
+    dataset, arch, classes, settings = key
     label = ARCH_LABEL.get(arch, arch)
     if dataset == "imagenet":
-        return label if classes == 1000 else f"{label} ({classes} classes)"
-    return f"{label} ({DATASET_LABEL.get(dataset, dataset)})"
+        label = label if classes == 1000 else f"{label} ({classes} classes)"
+    else:
+        label = f"{label} ({DATASET_LABEL.get(dataset, dataset)})"
+    return f"{label} [{settings}]" if settings else label
 
 
 def sweep(rows):
-    """{(dataset, arch, classes): {"points": [row per lambda, ascending], "baseline": row or None}};
-    rows are utils.reporting.runs rows, one per run, aggregated here over seeds (mean, sample std)."""
+    """{(dataset, arch, classes, settings): {"points": [row per lambda, ascending], "baseline": row or None}};
+    rows are utils.reporting.runs rows, one per run, aggregated here over seeds (mean, sample std). Runs of
+    one model with other training settings (a paper-recipe and a modern-recipe run, another --lr) are
+    other lines, labelled with the settings in which they differ: never seeds of one point."""
     runs = [r for r in rows if r["attention"] in ("simam", "none")]
     if not any(r["attention"] == "simam" for r in runs):
         raise UserError("no SimAM run among the run folders: nothing to plot against lambda")
     models = {}
     for r in sorted(aggregate_seeds(runs), key=lambda r: r["param"] or 0):
-        m = models.setdefault((r["dataset"], r["arch"], r["classes"]), {"points": [], "baseline": None})
+        m = models.setdefault((r["dataset"], r["arch"], r["classes"], r.get("settings") or ""),
+                              {"points": [], "baseline": None})
         if r["attention"] == "simam":
             m["points"].append(r)
         else:

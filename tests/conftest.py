@@ -84,6 +84,17 @@ def recipe_data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("recipes") / "data", train_per_class=86, val_per_class=2)
 
 
+def run_dir(args, script="main_imagenet.py"):
+    """The run folder `python SCRIPT ARGS` trains in: the trainer's own naming (utils.recipe.folder_name:
+    the readable name plus the digest of the settings that differ from the defaults) under its --ckpt."""
+    import importlib
+    from utils.args import parse_args
+    from utils.recipe import folder_name
+    main = importlib.import_module(Path(script).stem)
+    parsed = parse_args(main.get_args_parser(), [str(a) for a in args], resolve=getattr(main, "resolve_defaults", None))
+    return Path(parsed.ckpt) / folder_name(main.make_task(parsed).name, parsed)
+
+
 def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py"):
     """Run `python SCRIPT ARGS` (or `torchrun ... SCRIPT ARGS`); returns CompletedProcess."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / script)] + [str(a) for a in args]

@@ -13,7 +13,6 @@ import main_imagenet
 from conftest import ROOT, TINY, make_tiny_data
 from utils import UserError
 
-RUN = "imagenet-resnet18"  # no --seed: the folder has no seed suffix
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +50,8 @@ def trained(data, tmp_path_factory):
         main_imagenet.main([str(a) for a in [data, *TINY, "-b", "8", "-j", "0", "--epochs", "1", "--ckpt", ckpt]])
         raise SystemExit(0)
     assert exc.value.code == 0
-    return ckpt / RUN
+    (run,) = ckpt.iterdir()  # no --seed: the folder has no seed suffix
+    return run
 
 
 def test_bad_numbers_and_folders(data, tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_gpu_without_cuda_says_so_and_acc_label_names_k(data, trained, capsys):
 
 
 def test_resume_without_seed_keeps_the_recorded_seed(data, trained, tmp_path, capsys):
-    run = tmp_path / RUN
+    run = tmp_path / trained.name
     shutil.copytree(trained, run)
     seed = torch.load(run / "checkpoint.pth.tar", weights_only=True)["seed"]
     main([data, *TINY, "-b", "8", "-j", "0", "--epochs", "2", "--ckpt", tmp_path,
@@ -143,7 +143,7 @@ def test_resume_without_seed_keeps_the_recorded_seed(data, trained, tmp_path, ca
 
 
 def test_non_finite_validation_loss_stops_before_saving(data, trained, tmp_path, capsys, monkeypatch):
-    run = tmp_path / RUN
+    run = tmp_path / trained.name
     shutil.copytree(trained, run)
     before = {n: (run / n).read_bytes() for n in ("checkpoint.pth.tar", "metrics.jsonl")}
     real = main_imagenet.TASK.evaluate

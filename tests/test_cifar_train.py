@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 import main_cifar
-from conftest import ROOT, THREADS, assert_same_weights, seed
+from conftest import ROOT, THREADS, assert_same_weights, run_dir, seed
 from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, read_classes, read_split
 
 FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": THREADS}  # no kernel compilation for 2 tiny epochs
@@ -97,19 +97,20 @@ def test_reader_gets_the_archives_arrays_and_labels(tmp_path):
 
 # ---- training, resume, evaluation -------------------------------------------------------------
 
-def train(data, ckpt, *extra, epochs=2):
-    argv = ["--dataset", "cifar100", "--dataset_dir", str(data), "-a", "resnet20", "--attention_type", "simam",
+def train_args(data, ckpt, *extra, epochs=2):
+    return ["--dataset", "cifar100", "--dataset_dir", str(data), "-a", "resnet20", "--attention_type", "simam",
             "--attention_param", "1e-4", "-b", "16", "--seed", str(seed(0)), "--epochs", str(epochs), "--ckpt", str(ckpt),
             "--test_batch_size", "16", *extra]
-    return main_cifar.main(argv)
+
+
+def train(data, ckpt, *extra, epochs=2):
+    return main_cifar.main(train_args(data, ckpt, *extra, epochs=epochs))
 
 
 def test_train_resume_exact_and_evaluate(tmp_path, one_thread, capsys):
     write_cifar(tmp_path / "data", "cifar100")
-    run = f"cifar100-resnet20-simam-param0.0001-seed{seed(0)}"
-
     train(tmp_path / "data", tmp_path / "a")
-    a = tmp_path / "a" / run
+    a = run_dir(train_args(tmp_path / "data", tmp_path / "a"), script="main_cifar.py")
     for name in ("checkpoint.pth.tar", "metrics.jsonl", "log.txt", "args.json"):
         assert (a / name).is_file(), name
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
@@ -128,7 +129,7 @@ def test_train_resume_exact_and_evaluate(tmp_path, one_thread, capsys):
 
     # One epoch, then resumed: the same weights and metrics as the uninterrupted run.
     train(tmp_path / "data", tmp_path / "b", epochs=1)
-    b = tmp_path / "b" / run
+    b = run_dir(train_args(tmp_path / "data", tmp_path / "b", epochs=1), script="main_cifar.py")
     train(tmp_path / "data", tmp_path / "b", "--resume", str(b / "checkpoint.pth.tar"))
     cb = torch.load(b / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
     assert all(torch.equal(v, cb["state_dict"][k]) for k, v in ck["state_dict"].items())
@@ -284,9 +285,9 @@ def test_torchrun_two_ranks_validate_like_one_process_and_equal_nproc_2(tmp_path
                          env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("Epoch 1/1:") == 1 and "[1][3/4]" in ddp.stdout  # rank 0 prints; 4 steps a rank
-    run_dir = tmp_path / "ck" / f"cifar100-resnet20-seed{seed(1)}"
-    row = json.loads((run_dir / "metrics.jsonl").read_text())
-    one = subprocess.run([sys.executable, *common, "-e", "--resume", str(run_dir / "checkpoint.pth.tar")], cwd=ROOT,
+    run = run_dir([*common[1:], "-b", "16", "--epochs", "1", "--ckpt", tmp_path / "ck"], script="main_cifar.py")
+    row = json.loads((run / "metrics.jsonl").read_text())
+    one = subprocess.run([sys.executable, *common, "-e", "--resume", str(run / "checkpoint.pth.tar")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
     m = re.search(r"Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+) Loss (\d+\.\d+) \((\d+) images", one.stdout)
     assert m, one.stdout[-2000:] + one.stderr[-2000:]
@@ -299,9 +300,9 @@ def test_torchrun_two_ranks_validate_like_one_process_and_equal_nproc_2(tmp_path
                              text=True, timeout=240, env=env)
     assert spawned.returncode == 0 and "Traceback" not in spawned.stderr, spawned.stderr[-3000:]
     assert spawned.stdout.count("Epoch 1/1:") == 1  # rank 0 alone prints
-    mine = tmp_path / "spawned" / run_dir.name
+    mine = tmp_path / "spawned" / run.name
     assert json.loads((mine / "args.json").read_text())["world_size"] == 2
-    assert_same_weights(torch.load(run_dir / "checkpoint.pth.tar", weights_only=True),
+    assert_same_weights(torch.load(run / "checkpoint.pth.tar", weights_only=True),
                         torch.load(mine / "checkpoint.pth.tar", weights_only=True), momentum=True)
     clock = {"epoch_time", "images_per_sec"}
     assert {k: v for k, v in json.loads((mine / "metrics.jsonl").read_text()).items() if k not in clock} == \
@@ -319,9 +320,10 @@ def test_seeds_script_runs_each_seed_and_summarises(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = []
     for s in (seed(3), seed(4)):
-        run_dir = tmp_path / "seed runs ü" / f"cifar10-resnet20-seed{s}"
-        assert json.loads((run_dir / "args.json").read_text())["seed"] == s
-        best.append(json.loads((run_dir / "metrics.jsonl").read_text())["val_acc1"])
+        run = run_dir(["--dataset", "cifar10", "--dataset_dir", tmp_path / "data", "-a", "resnet20", "--epochs", "1",
+                       "-b", "16", "--ckpt", tmp_path / "seed runs ü", "--seed", s], script="main_cifar.py")
+        assert json.loads((run / "args.json").read_text())["seed"] == s
+        best.append(json.loads((run / "metrics.jsonl").read_text())["val_acc1"])
         assert f"seed {s}: {best[-1]:.3f}" in proc.stdout
     assert f"mean {np.mean(best):.2f} +- {np.std(best, ddof=1):.2f} (std over 2 seeds)" in proc.stdout
     assert proc.stdout.count(f"=== seed {seed(3)} ===") == 1 and proc.stdout.count(f"seed {seed(3)}: ") == 1

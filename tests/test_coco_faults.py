@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 import main_coco
-from conftest import seed
+from conftest import run_dir, seed
 from utils import UserError
 from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, coco_eval, make_coco_demo
 from utils.inputs.data import pil_loader, pil_rgb, tensor_loader
@@ -303,6 +303,7 @@ def test_training_run_counts_each_bad_file_once(tmp_path):
     bad = break_files(data, "train", [train.images[i]["file_name"] for i in (1, 2)])
     bad += break_files(data, "val", [CocoSplit(data, "val").images[0]["file_name"]])
     out = run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "ck", "--seed", seed(0)] + TINY + MODEL_KW)
-    row = metrics(tmp_path / "ck" / f"coco-faster_rcnn-resnet18-seed{seed(0)}")[0]
+    row = metrics(run_dir([data, "--epochs", "1", "--ckpt", tmp_path / "ck", "--seed", seed(0)] + TINY + MODEL_KW,
+                          script="main_coco.py"))[0]
     assert row["skipped_images"] == 3 and "skipped 3 unreadable images" in out
     assert sorted(set(p for p in bad if f"skipped unreadable image: {p}" in out)) == sorted(bad)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, run_cli, seed
+from conftest import ROOT, assert_same_weights, run_cli, run_dir, seed
 from utils.inputs.coco import make_coco_demo
 
 # Small images, a frozen backbone and few proposals/samples keep a ResNet-18 detector step short on a CPU;
@@ -51,7 +51,7 @@ def test_training_records_epochs_resumes_bit_exact_and_evaluates(tmp_path):
     data = make_coco_demo(tmp_path / "data", train_images=8, val_images=4)
     args = TINY + ["-b", "2", "--seed", str(seed(0))] + MODEL_KW  # 4 steps an epoch: room for a stop inside one
     out = run_coco(data, ["--epochs", "2", "--ckpt", tmp_path / "a"] + args)
-    run_a = tmp_path / "a" / f"coco-faster_rcnn-resnet18-seed{seed(0)}"
+    run_a = run_dir([data, "--epochs", "2", "--ckpt", tmp_path / "a"] + args, script="main_coco.py")
     assert f"run folder: {run_a}" in out and out.count("IoU metric: bbox") == 2
     assert re.search(r"^resnet18 \+ none: [\d.]+ M params, [\d.]+ G FLOPs \(faster_rcnn, one 48x64 image", out, re.M)
     assert re.search(r"^bbox: AP \d+\.\d{3} AP50 \d+\.\d{3} AP75 \d+\.\d{3} APs -?\d+\.\d{3} APm", out, re.M)
@@ -84,7 +84,7 @@ def test_training_records_epochs_resumes_bit_exact_and_evaluates(tmp_path):
     cmd = [sys.executable, str(ROOT / "main_coco.py"), str(data), "--epochs", "2", "--ckpt", str(tmp_path / "b"),
            *map(str, args), "-p", "1"]
     code, out_stop, err = run_until(cmd, "Epoch: [2][0/", signal.SIGTERM)
-    run_b = tmp_path / "b" / f"coco-faster_rcnn-resnet18-seed{seed(0)}"
+    run_b = run_dir([data, "--epochs", "2", "--ckpt", tmp_path / "b"] + args, script="main_coco.py")
     assert code == 128 + signal.SIGTERM and "stopped by SIGTERM at epoch 2, iteration" in out_stop, err[-3000:]
     stopped = load(run_b / "checkpoint.pth.tar")
     assert stopped["epoch"] == 1 and stopped["iteration"] >= 1 and stopped["epoch_sums"]["images"] > 0
@@ -113,20 +113,20 @@ def test_torchrun_mask_rcnn_evaluation_equals_single_process_and_nproc_2(tmp_pat
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     args = TINY + ["--detector", "mask_rcnn", "--seed", str(seed(1))] + MODEL_KW
     out = run_coco(data, ["--epochs", "1", "--ckpt", tmp_path / "ck"] + args, launcher=launcher)
-    run_dir = tmp_path / "ck" / f"coco-mask_rcnn-resnet18-seed{seed(1)}"
+    run = run_dir([data, "--epochs", "1", "--ckpt", tmp_path / "ck"] + args, script="main_coco.py")
     assert out.count("Epoch 1/1:") == 1 and out.count("IoU metric: segm") == 1  # rank 0 prints, once
     assert re.search(r"^segm: AP \d+\.\d{3} AP50 \d+\.\d{3} AP75 \d+\.\d{3} APs -?\d+\.\d{3} APm", out, re.M)
-    row = metrics(run_dir)[0]
+    row = metrics(run)[0]
     assert set(KEYS) <= set(row)
-    line, count, dets = eval_line(run_coco(data, ["-e", "--resume", run_dir / "checkpoint.pth.tar"] + args))
+    line, count, dets = eval_line(run_coco(data, ["-e", "--resume", run / "checkpoint.pth.tar"] + args))
     assert count == 5 and dets == row["val_detections"] > 0 and line == row_line(row, ("bbox", "segm"))
 
     # --nproc 2: the script starts the same two gloo ranks itself; the run equals torchrun's bit for bit.
     out = run_coco(data, ["--epochs", "1", "--nproc", "2", "--ckpt", tmp_path / "spawned"] + args)
     assert out.count("Epoch 1/1:") == 1 and out.count("IoU metric: segm") == 1
-    mine = tmp_path / "spawned" / run_dir.name
+    mine = tmp_path / "spawned" / run.name
     assert json.loads((mine / "args.json").read_text())["world_size"] == 2
-    assert_same_weights(load(run_dir / "checkpoint.pth.tar"), load(mine / "checkpoint.pth.tar"), momentum=True)
+    assert_same_weights(load(run / "checkpoint.pth.tar"), load(mine / "checkpoint.pth.tar"), momentum=True)
     clock = {"epoch_time", "images_per_sec"}
     assert [{k: v for k, v in r.items() if k not in clock} for r in metrics(mine)] == \
-        [{k: v for k, v in r.items() if k not in clock} for r in metrics(run_dir)]
+        [{k: v for k, v in r.items() if k not in clock} for r in metrics(run)]

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (optional: pip install -r requirements-dali.txt)")
 
-from conftest import TINY, make_tiny_data, run_cli, seed  # noqa: E402
+from conftest import TINY, make_tiny_data, run_cli, run_dir, seed  # noqa: E402
 from utils.inputs.dali import DaliImageFolder, DaliLoader  # noqa: E402
 from utils.inputs.data import UNREADABLE, EpochLoader, SafeImageFolder, TrainTransform, ValTransform, collate_skipping
 
@@ -50,9 +50,10 @@ def test_dali_validation_skips_unreadable_files_once(tmp_path):
 
 
 def test_dali_backend_trains_and_evaluates_from_the_command_line(tmp_path, tiny_data):
-    proc = run_cli([tiny_data, *TINY, "--data-backend", "dali", "-b", "8", "-j", "1", "--seed", seed(0), "--epochs", "1",
-                    "--ckpt", tmp_path / "ck"])
+    argv = [tiny_data, *TINY, "--data-backend", "dali", "-b", "8", "-j", "1", "--seed", seed(0), "--epochs", "1",
+            "--ckpt", tmp_path / "ck"]
+    proc = run_cli(argv)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    run = tmp_path / "ck" / f"imagenet-resnet18-seed{seed(0)}"
+    run = run_dir(argv)
     assert json.loads((run / "args.json").read_text())["data_backend"] == "dali"
     assert (run / "checkpoint.pth.tar").is_file()

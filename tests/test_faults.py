@@ -18,12 +18,11 @@ import pytest
 import torch
 
 import main_imagenet
-from conftest import ROOT, THREADS, TINY, make_tiny_data, run_cli, seed
+from conftest import ROOT, THREADS, TINY, make_tiny_data, run_cli, run_dir, seed
 from utils import UserError
 from utils.lifecycle import runfolder
 from utils.lifecycle.checkpoint import save_atomic
 
-RUN = f"imagenet-resnet18-seed{seed(0)}"
 
 
 def load(path):
@@ -98,7 +97,7 @@ def test_sigterm_to_the_group_with_coco_loader_workers_saves_and_resumes(tmp_pat
     code, out, err = signal_group(cmd, "Epoch: [1][1/", [signal.SIGTERM])
     assert code == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
     assert "Traceback" not in err and "stopped by SIGTERM at epoch 1, iteration" in out, err[-3000:]
-    run = tmp_path / "ck" / f"coco-faster_rcnn-resnet18-seed{seed(0)}"
+    run = run_dir([coco, *flags], script="main_coco.py")
     ck = load(run / "checkpoint.pth.tar")
     assert ck["epoch"] == 0 and ck["iteration"] >= 1 and ck["epoch_sums"]["images"] == 2 * ck["iteration"]
     assert temporaries(run) == []
@@ -118,7 +117,7 @@ def test_sigterm_to_the_group_of_a_cifar_run_saves(tmp_path):
            "-a", "resnet20", "--epochs", "1", "-b", "8", "-p", "1", "-j", "2", "--seed", seed(0), "--ckpt", tmp_path / "ck"]
     code, out, err = signal_group(cmd, "Epoch: [1][2/", [signal.SIGTERM])
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, out[-2000:] + err[-3000:]
-    ck = load(tmp_path / "ck" / f"cifar10-resnet20-seed{seed(0)}" / "checkpoint.pth.tar")
+    ck = load(run_dir(cmd[2:], script="main_cifar.py") / "checkpoint.pth.tar")
     assert ck["epoch"] == 0 and ck["iteration"] >= 2
     assert f"stopped by SIGTERM at epoch 1, iteration {ck['iteration']}/8" in out
 
@@ -132,7 +131,7 @@ def test_ctrl_c_to_the_group_with_loader_workers_is_one_line(data, tmp_path, pre
     assert code == 130, out[-2000:] + err[-3000:]
     assert [line for line in err.splitlines() if line.strip()] == [
         "error: interrupted (Ctrl-C); files already written are complete"], err[-3000:]
-    assert temporaries(tmp_path / RUN) == []
+    assert temporaries(run_dir(args(data, tmp_path, 2))) == []
 
 
 # ---------------------------------------------------------------- a full disk
@@ -219,7 +218,7 @@ def test_disk_full_at_the_second_checkpoint_then_resumed(data, tmp_path, monkeyp
         disk.left = 4096
     monkeypatch.setattr(runfolder, "append_row", append_then_fill_the_disk)
     code, out, err = cli(args(data, tmp_path, 2), capsys)
-    run = tmp_path / RUN
+    run = run_dir(args(data, tmp_path, 2))
     assert code == 1
     line = one_error_line(err)
     assert line.startswith(f"error: cannot write {run / 'checkpoint.pth.tar'}: no space left on device (")
@@ -246,7 +245,7 @@ def test_disk_full_while_copying_model_best(data, tmp_path, monkeypatch, capsys,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
     monkeypatch.setattr(shutil, "copyfile", copy_half_then_fail)
     code, out, err = cli(args(data, tmp_path, 1), capsys)  # a fresh run's first epoch is its best
-    run = tmp_path / RUN
+    run = run_dir(args(data, tmp_path, 1))
     assert code == 1
     line = one_error_line(err)
     assert line.startswith(f"error: cannot write {run / 'model_best.pth.tar'}: no space left on device (")
@@ -266,9 +265,10 @@ def test_disk_full_at_the_start_is_one_line_naming_the_folder(data, tmp_path, mo
     code, out, err = cli(args(data, tmp_path, 1), capsys)
     assert code == 1
     line = one_error_line(err)
-    assert line.startswith(f"error: cannot write {tmp_path / RUN / '.lock'}: no space left on device (")
-    assert f"free in {tmp_path / RUN})" in line
-    assert not (tmp_path / RUN / "checkpoint.pth.tar").exists()
+    run = run_dir(args(data, tmp_path, 1))
+    assert line.startswith(f"error: cannot write {run / '.lock'}: no space left on device (")
+    assert f"free in {run})" in line
+    assert not (run / "checkpoint.pth.tar").exists()
 
 
 # ---------------------------------------------------------------- torn files, runs named twice, bad configs

@@ -230,7 +230,7 @@ def test_sweep_plot_and_table_have_the_right_points(tmp_path, capsys):
 
     rows = [ps.run_row(r) for r in ps.find_runs([tmp_path])]
     models = ps.sweep(rows)
-    r20 = models[("cifar100", "resnet20", 100)]
+    r20 = models[("cifar100", "resnet20", 100, "")]  # "": one recipe, no settings to name
     assert [r["param"] for r in r20["points"]] == [1e-5, 1e-3, 1e-1]
     assert [r["top1"] for r in r20["points"]] == pytest.approx([63.25, 65.0, statistics.mean(best[1e-1])])
     assert [r["top1_std"] for r in r20["points"]] == [None, pytest.approx(2 ** 0.5),
@@ -268,6 +268,14 @@ def test_sweep_without_simam_is_one_line(tmp_path):
         ps.main([str(tmp_path), "-o", str(tmp_path / "x.png")])
 
 
+def sweep_run(tmp_path, lam, s):
+    """The folder lambda_sweep.sh's run of (lambda, seed) trains in."""
+    from conftest import run_dir
+    return run_dir(["--dataset", "cifar10", "--dataset_dir", tmp_path / "data", "-a", "resnet20", "--epochs", "1",
+                    "-b", "16", "--ckpt", tmp_path / "sweep runs ü", "--attention_type", "simam",
+                    f"--attention_param={lam}", "--seed", s], script="main_cifar.py")
+
+
 def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
     from conftest import seed
     from test_cifar_train import FAST, write_cifar
@@ -283,7 +291,7 @@ def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
     accs = {}
     for lam in (0.1, 1e-4):
         for s in (seed(0), seed(1)):
-            run = tmp_path / "sweep runs ü" / f"cifar10-resnet20-simam-param{lam}-seed{s}"
+            run = sweep_run(tmp_path, lam, s)
             a = json.loads((run / "args.json").read_text())
             assert (a["attention_type"], a["attention_param"], a["seed"]) == ("simam", lam, s)
             accs.setdefault(lam, []).append(json.loads((run / "metrics.jsonl").read_text())["val_acc1"])
@@ -294,7 +302,7 @@ def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
         assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in row
 
     # Again, for one of its runs: the finished run is skipped, its folder untouched, and still plotted.
-    run = tmp_path / "sweep runs ü" / f"cifar10-resnet20-simam-param0.1-seed{seed(0)}"
+    run = sweep_run(tmp_path, 0.1, seed(0))
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name not in ("log.txt", ".lock")}
     again = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", str(seed(0)), "--dataset",
                             "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16",

@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from conftest import TINY, make_tiny_data, seed
+from conftest import TINY, make_tiny_data, run_dir, seed
 from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, normalize, random_crop_flip
 from utils.inputs.data import (EpochLoader, RASampler, SafeImageFolder, SampleAugment, TrainTransform, _splitmix64,
                                auto_augment_policy, collate_skipping, epoch_batches, normalize_uint8, rrc_params,
@@ -270,14 +270,15 @@ def test_cifar_trains_with_the_data_recipe(tmp_path, capsys):
     import main_cifar
     from test_cifar_train import write_cifar
     write_cifar(tmp_path / "data", "cifar10", n_train=260, n_test=20)
+    argv = ["--dataset", "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "-b", "64",
+            "--seed", str(seed(0)), "--epochs", "1", "--ckpt", str(tmp_path / "ck"), "--test_batch_size", "20",
+            "-p", "1", "--auto-augment", "cifar10", "--random-erase", "0.5", "--ra-reps", "2",
+            "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
     with pytest.raises(SystemExit) as exc:
-        main_cifar.main(["--dataset", "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "-b", "64",
-                         "--seed", str(seed(0)), "--epochs", "1", "--ckpt", str(tmp_path / "ck"), "--test_batch_size", "20",
-                         "-p", "1", "--auto-augment", "cifar10", "--random-erase", "0.5", "--ra-reps", "2",
-                         "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"])
+        main_cifar.main(argv)
         raise SystemExit(0)
     out = capsys.readouterr().out
     assert exc.value.code == 0, out[-2000:]
     assert "Epoch: [1][3/4]" in out  # RASampler: 260 images -> 256 an epoch, 4 batches of 64
-    ck = torch.load(tmp_path / "ck" / f"cifar10-resnet20-seed{seed(0)}" / "checkpoint.pth.tar", weights_only=True)
+    ck = torch.load(run_dir(argv, script="main_cifar.py") / "checkpoint.pth.tar", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, run_cli, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, run_cli, run_dir, seed
 from utils import UserError
 from utils.engine import Stepper, train_one_epoch
 from utils.optim import NORM_CLASSES, ExponentialMovingAverage, ema_decay, make_optimizer, param_groups
@@ -365,7 +365,7 @@ def test_paper_recipe_is_a_plain_sgd_loop(tiny_data, tmp_path, one_thread):
     argv = [str(tiny_data), *TINY, "-b", "8", "--epochs", "2", "--seed", str(seed(3)), "-j", "0", "--ckpt", str(tmp_path)]
     proc = run_cli(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / f"imagenet-resnet18-seed{seed(3)}" / "checkpoint.pth.tar", weights_only=True)
+    got = torch.load(run_dir(argv) / "checkpoint.pth.tar", weights_only=True)
     assert got.get("model_ema") is None and len(got["optimizer"]["param_groups"]) == 1
 
     args = parse_args(get_args_parser(), argv)
@@ -423,7 +423,7 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(recipe_data, tmp_
                                           *EVERYTHING, "--ckpt", str(cut)])
     assert code == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
     assert "stopped by SIGTERM at epoch 2, iteration" in out, out[-2000:]
-    run, ref_run = (c / f"imagenet-resnet18-seed{seed(0)}" for c in (cut, done))
+    run, ref_run = (run_dir([tiny_data, *TINY, *EVERYTHING, "--ckpt", c]) for c in (cut, done))
     mid = torch.load(run / "checkpoint.pth.tar", weights_only=True)
     assert mid["epoch"] == 1 and mid["iteration"] >= 3 and mid["iteration"] % 2 == 0  # a whole accumulation group
     assert mid["model_ema"] is not None
@@ -529,12 +529,13 @@ def test_ddp_ranks_agree_on_the_ema(tiny_data, tmp_path, capsys, one_thread):
     half of the images, sums all-reduced) equals a single-process evaluation of the EMA rank 0 saved, so every
     rank evaluated the same average (BatchNorm statistics included)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = run_cli([tiny_data, *TINY, "-b", "4", "--lr", "0.01", "-j", "0", "--seed", seed(1), "--epochs", "1",
-                    "--ckpt", tmp_path,
-                    "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.5", "--grad-accum-steps", "2",
-                    "--clip-grad-norm", "1", "--norm-weight-decay", "0"], launcher=launcher, timeout=300)
+    argv = [tiny_data, *TINY, "-b", "4", "--lr", "0.01", "-j", "0", "--seed", seed(1), "--epochs", "1",
+            "--ckpt", tmp_path,
+            "--model-ema", "--model-ema-steps", "1", "--model-ema-decay", "0.5", "--grad-accum-steps", "2",
+            "--clip-grad-norm", "1", "--norm-weight-decay", "0"]
+    proc = run_cli(argv, launcher=launcher, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    run = tmp_path / f"imagenet-resnet18-seed{seed(1)}"
+    run = run_dir(argv)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     code, out, err = main_in_process([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"],
                                      capsys)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conftest import seed  # noqa: E402
+from conftest import run_dir, seed  # noqa: E402
 from main_imagenet import get_args_parser  # noqa: E402
 from main_imagenet import main as train_main  # noqa: E402
 from networks import create_net  # noqa: E402
@@ -32,7 +33,6 @@ ATTS = ("none", "se", "cbam", "simam", "eca", "gc", "srm", "coordatt", "triplet"
 # Tiny overrides of the real configs: 32 px crops, 8-image batches, a learning rate that suits them.
 TINY = ["--epochs", "2", "-b", "4", "--lr", "0.01", "--train-crop-size", "32", "--val-resize-size", "36",
         "--val-crop-size", "32", "-p", "100", "-j", "0", "--seed", str(seed(0))]
-RUN_NONE, RUN_SIMAM = f"imagenet-resnet18-seed{seed(0)}", f"imagenet-resnet18-simam-param0.1-seed{seed(0)}"
 
 
 def script(name):
@@ -124,20 +124,31 @@ def e2e(tmp_path_factory):
     for name in ("resnet18_none.toml", "resnet18_simam.toml"):
         (configs / name).write_bytes((CONFIGS / name).read_bytes())
     flags = TINY + ["--ckpt", str(runs)]
-    train_main([str(data), "--config", str(CONFIGS / "resnet18_simam.toml"), *flags])
-    train_main([str(data), "--config", str(CONFIGS / "resnet18_none.toml"), *flags, "--epochs", "1"])
-    simam_rows = (runs / RUN_SIMAM / "metrics.jsonl").read_text()
+    none, simam = ([str(data), "--config", str(CONFIGS / f"resnet18_{att}.toml"), *flags] for att in ("none", "simam"))
+    train_main(simam)
+    # A 2-epoch run stopped after its first epoch: a 1-epoch run (under the step schedule its first epoch is
+    # the same) whose records say 2 epochs, in the 2-epoch run's folder.
+    train_main([*none, "--epochs", "1"])
+    shutil.move(run_dir([*none, "--epochs", "1"]), run_dir(none))
+    settings = json.loads((run_dir(none) / "args.json").read_text())
+    (run_dir(none) / "args.json").write_text(json.dumps(dict(settings, epochs=2)))
+    ck = torch.load(run_dir(none) / "checkpoint.pth.tar", weights_only=True)
+    ck["args"]["epochs"] = 2
+    torch.save(ck, run_dir(none) / "checkpoint.pth.tar")
+    simam_rows = (run_dir(simam) / "metrics.jsonl").read_text()
     env = dict(os.environ, WORKERS="0", CHECK_ARGS="--expect-classes 3 --expect-val-per-class 2 --expect-train 12",
                CONFIGS=f"{configs / 'resnet18_none.toml'}\n{configs / 'resnet18_simam.toml'}\n",
                PYTHON=sys.executable)
     proc = subprocess.run([str(ROOT / "scripts" / "reproduce_imagenet.sh"), str(data), *flags],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"data": data, "runs": runs, "out": proc.stdout, "simam_rows": simam_rows}
+    return {"data": data, "runs": runs, "out": proc.stdout, "simam_rows": simam_rows,
+            "none": run_dir(none).name, "simam": run_dir(simam).name}
 
 
 def test_reproduce_skips_finished_resumes_interrupted_and_records_settings(e2e):
     runs, out = e2e["runs"], e2e["out"]
+    RUN_NONE, RUN_SIMAM = e2e["none"], e2e["simam"]
     assert f"resnet18_none.toml: resuming from {runs / RUN_NONE / 'checkpoint.pth.tar'}" in out
     assert f"resnet18_simam.toml: finished ({runs / RUN_SIMAM}); skipping" in out
     assert [r["epoch"] for r in rows_of(runs / RUN_NONE)] == [1, 2]
@@ -161,7 +172,7 @@ def test_results_table_from_real_runs(e2e, capsys):
     script("make_table").main([str(runs), "--csv"])
     table = {r["source"]: r for r in map(dict, csv.DictReader(capsys.readouterr().out.splitlines()))}
     assert table == {r["source"]: r for r in csv.DictReader((runs / "results.csv").open())}
-    for name, att in ((RUN_NONE, "none"), (RUN_SIMAM, "simam")):
+    for name, att in ((e2e["none"], "none"), (e2e["simam"], "simam")):
         row, metrics = table[str(runs / name)], rows_of(runs / name)
         best = max(metrics, key=lambda r: r["val_acc1"])
         assert float(row["top1"]) == pytest.approx(best["val_acc1"]) and float(row["top5"]) == pytest.approx(best["val_acc5"])
@@ -172,7 +183,7 @@ def test_results_table_from_real_runs(e2e, capsys):
 
 
 def test_curves_png_from_real_runs(e2e, tmp_path):
-    runs = [e2e["runs"] / RUN_NONE, e2e["runs"] / RUN_SIMAM]
+    runs = [e2e["runs"] / e2e["none"], e2e["runs"] / e2e["simam"]]
     plot_curves = script("plot_curves")
     fig = plot_curves.make_figure([read_run(r) for r in runs])
     acc, loss, lr = fig.axes
@@ -205,7 +216,7 @@ def test_lr_drops_are_found_in_step_schedules_only():
 
 
 def test_eval_checkpoints_ours_and_reference_format(e2e, tmp_path, capsys):
-    run = e2e["runs"] / RUN_SIMAM
+    run = e2e["runs"] / e2e["simam"]
     ours = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
     ref = tmp_path / "ref_simam_r18.pth.tar"  # the authors' layout: module. keys, arch only, best_acc tensor
     torch.save({"epoch": ours["epoch"], "arch": "resnet18", "best_acc": torch.tensor(ours["best_acc1"]),

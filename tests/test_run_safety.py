@@ -12,9 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, seed
-
-RUN = f"imagenet-resnet18-seed{seed(0)}"
+from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, seed
 
 
 def ok(proc):
@@ -58,7 +56,7 @@ def finished(data, tmp_path_factory):
     """A finished 2-epoch run, uninterrupted: the reference for the other tests."""
     ckpt = tmp_path_factory.mktemp("finished")
     ok(run_cli(args(data, ckpt, 2)))
-    return ckpt / RUN
+    return run_dir(args(data, ckpt, 2))
 
 
 def test_rerun_of_a_finished_run_is_a_noop_and_an_unfinished_one_is_refused(data, finished, tmp_path):
@@ -68,11 +66,23 @@ def test_rerun_of_a_finished_run_is_a_noop_and_an_unfinished_one_is_refused(data
     assert again.stdout.rstrip().splitlines()[-1].startswith("done: best Acc@1 ")  # what sweeps and seed scripts read
     assert snapshot(finished) == before
 
-    # Asking for more epochs without --resume: refused, naming the folder, its epoch and the ways on.
-    err = one_line_error(run_cli(args(data, finished.parent, 3)))
-    assert str(finished) in err and "epoch 2/3" in err
-    assert f"--resume {finished / 'checkpoint.pth.tar'}" in err and "--ckpt" in err
-    assert snapshot(finished) == before
+    # A run of 3 epochs is another recipe: another folder (tests/test_run_identity.py), this one untouched.
+    assert run_dir(args(data, finished.parent, 3)) != finished
+
+
+def test_an_unfinished_run_is_never_started_over_by_the_same_command(data, finished, tmp_path):
+    """A folder holding a checkpoint at epoch 1 of 2 (a copy): the same command is refused, naming the
+    folder, its epoch and the ways on."""
+    run = run_dir(args(data, tmp_path, 2))
+    shutil.copytree(finished, run)
+    ck = load(run / "checkpoint.pth.tar")
+    ck["epoch"] = 1
+    torch.save(ck, run / "checkpoint.pth.tar")
+    before = snapshot(run)
+    err = one_line_error(run_cli(args(data, tmp_path, 2)))
+    assert str(run) in err and "epoch 1/2" in err
+    assert f"--resume {run / 'checkpoint.pth.tar'}" in err and "--ckpt" in err
+    assert snapshot(run) == before
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +90,18 @@ def after_one_epoch(data, tmp_path_factory):
     """The same run stopped after its first epoch (a fresh run's first epoch is always its best)."""
     ckpt = tmp_path_factory.mktemp("one_epoch")
     ok(run_cli(args(data, ckpt, 1)))
-    return ckpt / RUN
+    return run_dir(args(data, ckpt, 1))
 
 
 def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, after_one_epoch, tmp_path):
     older = after_one_epoch / "checkpoint.pth.tar"
     before = snapshot(finished)
-    err = one_line_error(run_cli(args(data, finished.parent, 3, "--resume", older)))
-    assert "older than" in err and "epoch 1/3" in err and "epoch 2/3" in err
+    err = one_line_error(run_cli(args(data, finished.parent, 2, "--resume", older)))
+    assert "older than" in err and "epoch 1/2" in err and "epoch 2/2" in err
     assert snapshot(finished) == before
     # The same checkpoint into a folder of its own is a branch, and is allowed.
     ok(run_cli(args(data, tmp_path / "branch", 2, "--resume", older)))
-    assert [r["epoch"] for r in rows(tmp_path / "branch" / RUN)] == [1, 2]
+    assert [r["epoch"] for r in rows(run_dir(args(data, tmp_path / "branch", 2)))] == [1, 2]
 
 
 def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
@@ -104,12 +114,12 @@ def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
                 break
         second = run_cli(args(data, tmp_path, 3))
         err = one_line_error(second)
-        assert "in use by pid" in err and str(tmp_path / RUN) in err
+        assert "in use by pid" in err and str(run_dir(args(data, tmp_path, 3))) in err
         out, _ = first.communicate(timeout=180)
     finally:
         first.kill()
     assert first.returncode == 0
-    run = tmp_path / RUN
+    run = run_dir(args(data, tmp_path, 3))
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
     assert load(run / "checkpoint.pth.tar")["epoch"] == 3
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
@@ -119,7 +129,7 @@ def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, after
     """The state a kill right after the epoch-2 checkpoint leaves: model_best still the epoch-1 file
     (whichever epoch is best: the copy of a better epoch 2 had not happened yet), the epoch-2 row half
     written, a temporary file of the save. A resume makes it whole, whatever epoch is best."""
-    run = tmp_path / RUN
+    run = tmp_path / finished.name
     shutil.copytree(finished, run)
     full = rows(finished)
     ck = load(run / "checkpoint.pth.tar")
@@ -187,7 +197,7 @@ def test_signal_mid_epoch_saves_and_the_resume_is_bit_exact(data, finished, tmp_
     cmd = [sys.executable, str(ROOT / "main_imagenet.py")] + [str(a) for a in args(data, tmp_path, 2, "-p", "1")]
     code, out, err = run_until(cmd, "Epoch: [2][ 3/30]", sig)
     assert code == 128 + sig, (out[-2000:], err[-2000:])
-    run = tmp_path / RUN
+    run = run_dir(args(data, tmp_path, 2))
     stop = [line for line in out.splitlines() if line.startswith("stopped by")]
     assert len(stop) == 1 and signal.Signals(sig).name in stop[0], out[-2000:]
     ck = load(run / "checkpoint.pth.tar")
@@ -209,7 +219,7 @@ def test_timed_saves_inside_an_epoch(data, tmp_path):
     proc = ok(run_cli(args(data, tmp_path, 1, "--save-every-minutes", "0.0001")))
     saves = [line for line in proc.stdout.splitlines() if "(--save-every-minutes)" in line]
     assert saves and all("at epoch 1, iteration" in s for s in saves)
-    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    ck = load(run_dir(args(data, tmp_path, 1)) / "checkpoint.pth.tar")
     assert ck["epoch"] == 1 and ck["iteration"] == 0
 
 
@@ -232,7 +242,7 @@ def test_sigterm_to_every_process_of_the_job_with_loader_workers(data, finished,
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "stopped by SIGTERM at epoch 2, iteration" in out
-    run = tmp_path / RUN
+    run = run_dir(args(data, tmp_path, 2))
     ck = load(run / "checkpoint.pth.tar")
     assert ck["epoch"] == 1 and ck["iteration"] >= 3
 
@@ -275,7 +285,7 @@ def test_slurm_script_saves_and_requeues_before_the_time_limit(data, finished, t
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert "SIGUSR1: asking the run to save" in out and "stopped by SIGTERM at epoch 2, iteration" in out, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    run = ckpt / RUN
+    run = run_dir(args(data, ckpt, 2))
     assert load(run / "checkpoint.pth.tar")["iteration"] >= 3
 
     # The requeued job: the same command, which now resumes.

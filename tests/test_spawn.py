@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, seed
 
-RUN = f"imagenet-resnet18-seed{seed(2)}"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_ex
     out, err = finish(stopped)
     assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert out.count("stopped by SIGTERM at epoch 2, iteration") == 1 and "Traceback" not in err, (out, err)
-    run = tmp_path / "stopped" / RUN
+    run = run_dir(cmd(data, tmp_path / "stopped")[2:])
     ck = load(run / "checkpoint.pth.tar")
     assert ck["epoch"] == 1 and 1 <= ck["iteration"] < 6 and [r["epoch"] for r in rows(run)] == [1]
 
@@ -86,7 +85,7 @@ def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_ex
     assert whole.returncode == 0, err_w[-3000:]
     proc = run_cli(cmd(data, tmp_path / "stopped", "--resume", run / "checkpoint.pth.tar")[2:], timeout=300)
     assert proc.returncode == 0 and "=> resumed from" in proc.stdout, proc.stderr[-3000:]
-    ref = tmp_path / "whole" / RUN
+    ref = run_dir(cmd(data, tmp_path / "whole")[2:])
     assert_same_weights(load(ref / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"), momentum=True)
     for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5"):
         assert [r[key] for r in rows(run)] == [r[key] for r in rows(ref)], key
@@ -101,7 +100,7 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path)
     out, err = finish(proc)
     assert proc.returncode == 128 + signal.SIGINT, (out[-2000:], err[-3000:])
     assert out.count("stopped by SIGTERM at epoch 1, iteration") == 1 and "Traceback" not in err, err[-3000:]
-    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    ck = load(run_dir(cmd(data, tmp_path, "--epochs", "1")[2:]) / "checkpoint.pth.tar")
     assert ck["epoch"] == 0 and 1 <= ck["iteration"] < 6
 
 

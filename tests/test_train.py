@@ -7,12 +7,11 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, assert_same_weights, make_tiny_data, run_cli, seed
+from conftest import TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, seed
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                "epoch_time", "images_per_sec"}
 SIMAM = ["--attention_type", "simam", "--attention_param", "0.1"]
-RUN = f"imagenet-resnet18-simam-param0.1-seed{seed(0)}"
 
 
 def ok(proc):
@@ -48,7 +47,7 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
 
     # Two uninterrupted epochs.
     a = ok(run_cli(args + ["--epochs", "2", "--ckpt", tmp_path / "a"]))
-    run_a = tmp_path / "a" / RUN
+    run_a = run_dir(args + ["--epochs", "2", "--ckpt", tmp_path / "a"])
     assert f"run folder: {run_a}" in a.stdout
     for name in ("checkpoint.pth.tar", "model_best.pth.tar", "metrics.jsonl", "log.txt", "args.json"):
         assert (run_a / name).is_file(), name
@@ -65,12 +64,16 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
 
     # One epoch, then a resumed second one.
     ok(run_cli(args + ["--epochs", "1", "--ckpt", tmp_path / "b"]))
-    run_b = tmp_path / "b" / RUN
+    run_b = run_dir(args + ["--epochs", "1", "--ckpt", tmp_path / "b"])
     first = (run_b / "checkpoint.pth.tar").read_bytes()
 
-    # A diverging continuation stops with one line and leaves the last good checkpoint untouched.
-    err = one_line_error(run_cli(args + ["--epochs", "2", "--lr", "1e30", "-p", "1", "--ckpt", tmp_path / "b",
-                                         "--resume", run_b / "checkpoint.pth.tar"]))
+    # A diverging continuation (weights made NaN in a copy of the checkpoint: another --lr would be another
+    # run) stops with one line and leaves the last good checkpoint untouched.
+    broken = load(run_b / "checkpoint.pth.tar")
+    broken["state_dict"]["fc.weight"].fill_(float("nan"))
+    torch.save(broken, tmp_path / "diverging.pth.tar")
+    err = one_line_error(run_cli(args + ["--epochs", "2", "-p", "1", "--ckpt", tmp_path / "b",
+                                         "--resume", tmp_path / "diverging.pth.tar"]))
     assert re.search(r"loss is (nan|inf)", err) and "last good checkpoint kept" in err
     assert (run_b / "checkpoint.pth.tar").read_bytes() == first
 
@@ -94,7 +97,8 @@ def ddp_run(tmp_path_factory):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     proc = run_cli([data, *TINY, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", seed(1), "--epochs", "1",
                     "--ckpt", tmp / "ck"], launcher=launcher, timeout=300)
-    return data, tmp / "ck" / f"imagenet-resnet18-seed{seed(1)}", ok(proc)
+    return data, run_dir([data, *TINY, "-b", "8", "--lr", "0.01", "--seed", seed(1), "--epochs", "1",
+                          "--ckpt", tmp / "ck"]), ok(proc)
 
 
 def test_torchrun_ddp_validation_equals_single_process(ddp_run):
@@ -176,15 +180,16 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     bad_val = sorted((data / "val" / "h_stripes").iterdir())[1]
     bad_train.write_bytes(b"not a jpeg at all")
     bad_val.write_bytes(bad_val.read_bytes()[:100])  # truncated
-    proc = ok(run_cli([data, *TINY, "-b", "8", "-j", "1", "--seed", seed(0), "--epochs", "1", "--ckpt", tmp_path / "ck"]))
+    cmd = [data, *TINY, "-b", "8", "-j", "1", "--seed", seed(0), "--epochs", "1", "--ckpt", tmp_path / "ck"]
+    proc = ok(run_cli(cmd))
     assert f"skipped unreadable image: {bad_train}" in proc.stdout
     assert f"skipped unreadable image: {bad_val}" in proc.stdout
-    assert metrics(tmp_path / "ck" / f"imagenet-resnet18-seed{seed(0)}")[0]["skipped_images"] == 2
+    assert metrics(run_dir(cmd))[0]["skipped_images"] == 2
 
     for f in (data / "val").rglob("*.JPEG"):  # nothing readable left: a clear stop, not a hang
         f.write_bytes(b"junk")
     err = one_line_error(run_cli([data, *TINY, "-b", "8", "-j", "1", "-e", "--resume",
-                                  tmp_path / "ck" / f"imagenet-resnet18-seed{seed(0)}" / "checkpoint.pth.tar"]))
+                                  run_dir(cmd) / "checkpoint.pth.tar"]))
     assert "unreadable images in a row" in err
 
 

@@ -159,8 +159,10 @@ def check_recipe_args(args):
 class Args(argparse.Namespace):
     """The parsed flags. `given` (a slot, so vars(args), args.json and the checkpoint hold the flags
     only) is the set of dests set on the command line itself, not by a default or --config: what a
-    run or a checkpoint records fills in the rest (utils.args.given)."""
-    __slots__ = ("given",)
+    run or a checkpoint records fills in the rest (utils.args.given). `defaults` (a slot) is the
+    parser's defaults after --config: the run folder's digest names the recipe's differences from
+    them (utils.recipe)."""
+    __slots__ = ("given", "defaults")
 
 
 def given(args):
@@ -177,18 +179,64 @@ def given_dests(parser, argv):
     return frozenset(vars(bare.parse_args(argv)))
 
 
-def parse_args(parser, argv=None):
+def parse_args(parser, argv=None, resolve=None):
     """parse_args with `--config FILE` defaults applied first; unknown keys are an error.
-    The result's `.given` names the flags the command line set itself."""
+    The result's `.given` names the flags the command line set itself, `.defaults` the parser's
+    defaults after the config. `--config RUN/args.json` replays a run's recorded flags. With
+    `--resume` of a checkpoint that records its run's settings, those fill what the command line
+    does not give (utils.recipe.fill_from_record). resolve: args -> args, the script's own completion
+    of its defaults (main_coco.py's), applied before a resumed run's settings are compared."""
+    from . import recipe
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
+    base = None
+    if known.config and str(known.config).endswith(".json"):
+        cfg, base = load_run_settings(parser, known.config)
+        parser.set_defaults(**cfg)
+    elif known.config:
         parser.set_defaults(**load_config(parser, known.config))
     args = parser.parse_args(argv, namespace=Args())
     args.given = given_dests(parser, argv)
+    defaults = {a.dest: parser.get_default(a.dest) for a in parser._actions if a.dest not in ("help",)}
+    if base is not None:  # the replayed run's own defaults, so its folder name comes out the same
+        defaults.update({k: v for k, v in base.items() if k in defaults})
+    args.defaults = defaults
+    _floats(parser, args, defaults)
+    if resolve is not None:
+        args = resolve(args)
+    if getattr(args, "resume", "") and not args.evaluate and not args.save_weights and Path(args.resume).is_file():
+        from .lifecycle.runfolder import peek
+        record = recipe.recorded_settings(peek(args.resume))
+        if record is not None:
+            recipe.fill_from_record(args, record, args.resume)
     return args
+
+
+def _floats(parser, args, defaults):
+    """A float flag's integer (`lr = 1` in a config) as a float, so equal settings compare and hash equal."""
+    def as_float(v):
+        if isinstance(v, list):
+            return [as_float(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    for a in parser._actions:
+        if a.type is float:
+            if hasattr(args, a.dest):
+                setattr(args, a.dest, as_float(getattr(args, a.dest)))
+            if a.dest in defaults:
+                defaults[a.dest] = as_float(defaults[a.dest])
+
+
+def load_run_settings(parser, path):
+    """`--config RUN/args.json`: the recorded flags (not its other keys, nor one-off actions such as
+    --resume), and the recipe defaults the run measured its folder name against."""
+    from .recipe import NOT_REPLAYED, read_json_config
+    if not Path(path).is_file():
+        raise UserError(f"config file not found: {path}")
+    rec, base = read_json_config(path)
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    return {k: v for k, v in rec.items() if k in dests and k not in NOT_REPLAYED}, base
 
 
 def load_config(parser, path):
@@ -258,11 +306,15 @@ def parse_gpu_ids(text):
     return [g for g in ids if g >= 0]
 
 
-def run_name(prefix, arch, attention_type, attention_param, seed):
-    """The reference's run-folder name: <prefix>-<arch>[-<attention>-param<p>][-seed<s>]."""
+def run_name(prefix, arch, attention_type, attention_param, seed, digest=""):
+    """The reference's run-folder name: <prefix>-<arch>[-<attention>-param<p>][-<digest>][-seed<s>].
+    digest: utils.recipe's 8 hex digits of the recipe's non-default settings ("" for none), before
+    the seed so that one recipe's seeds share a prefix."""
     name = f"{prefix}-{arch}"
     if attention_type != "none":  # parameter-free modules (srm, triplet, adaptive eca) have no -param part
         name += f"-{attention_type}" + ("" if attention_param is None else f"-param{float(attention_param)}")
+    if digest:
+        name += f"-{digest}"
     if seed is not None:
         name += f"-seed{seed}"
     return name

@@ -20,7 +20,8 @@ from torch import nn
 
 from . import Preempted, UserError
 from .lifecycle import runfolder
-from .args import check_recipe_args, parse_gpu_ids, run_name
+from . import recipe
+from .args import check_recipe_args, given, parse_gpu_ids
 from .lifecycle.checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
                                    rng_state, save_atomic, set_rng_state)
 from .inputs.data import EpochLoader
@@ -301,23 +302,71 @@ def set_up(args, task, info):
     return job
 
 
+def run_folder(args, task):
+    """Where this command's run lives: a resumed checkpoint's own run folder when it lies in one (and no
+    other --ckpt is given), so a resume continues that run whatever the name; else --ckpt/<name>, the
+    name of the recipe (utils.recipe.folder_name)."""
+    if args.resume:
+        own = Path(args.resume).parent
+        if runfolder.is_run_folder(own) and ("ckpt" not in given(args) or
+                                              own.resolve().parent == Path(args.ckpt).resolve()):
+            args.ckpt = str(own.parent)  # what args.json records
+            return own
+    return Path(args.ckpt) / recipe.folder_name(task.name, args)
+
+
 def open_run(args, task, info, job):
-    """The run folder: locked, decided (new, resume or finished), args.json, and the logger that writes log.txt."""
-    job.run_dir = Path(args.ckpt) / run_name(task.name, args.arch, args.attention_type, effective_param(args), args.seed)
-    state, job.folder_lock = open_run_folder(job.run_dir, args, job.ckpt, info, job.logger)
+    """The run folder: locked, checked (the same recipe and data), decided (new, resume or finished),
+    args.json, and the logger that writes log.txt."""
+    job.run_dir = run_folder(args, task)
+    state, job.folder_lock, notes = open_run_folder(job.run_dir, args, job.ckpt, info, job.logger)
     if state == "finished":  # the usual last line too: launchers and sweeps read it
         best = state_best(job.run_dir)
         job.logger.info(f"done: best {task.best_label} {best:.3f}; run folder: {job.run_dir}")
         job.finished = {"best_acc1": best, "run_dir": job.run_dir, "finished": True}
         return
     if info.is_main:
-        settings = dict(vars(args), seed_used=job.seed, world_size=info.world_size, classes=len(job.classes))
+        settings = dict(vars(args), seed_used=job.seed, world_size=info.world_size, classes=len(job.classes),
+                        data_realpath=recipe.data_root(args),
+                        recipe_defaults=notes.get("recipe_defaults") or recipe.recipe_defaults(args))
         runfolder.write_text_atomic(job.run_dir / "args.json", json.dumps(settings, indent=2, default=str) + "\n")
     job.logger = RunLogger(job.run_dir, enabled=info.is_main)
     job.logger.info(f"run folder: {job.run_dir}")
+    diff = recipe.changes(args)
+    if diff:
+        job.logger.info(f"recipe: {recipe.describe(diff)} (settings that differ from the defaults; digest {recipe.digest(diff)})")
+    for line in notes.get("lines", ()):
+        job.logger.info(line)
     job.logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=job.seed), default=str)}")
     if len(job.classes) == 1:
         job.logger.info("warning: the data has 1 class: every accuracy will be 100%")
+
+
+def check_recipe(run_dir, args, ckpt):
+    """A run folder that holds a run is continued or reported only for the same recipe and data.
+    Returns (note lines, the run's recorded recipe defaults or None); UserError naming what differs."""
+    if not runfolder.holds_run(run_dir):
+        return [], None
+    rec = runfolder.read_settings(run_dir)
+    if rec is None:  # a run older than recorded settings: as before
+        return [], None
+    notes = []
+    raised = args.resume and int(args.epochs) >= int(rec.get("epochs", 0))  # --resume may train on
+    diff = recipe.differences(vars(args), rec, skip=recipe.NAMED | ({"epochs"} if raised else set()))
+    if diff:
+        raise UserError(f"run folder {run_dir} holds a run of other settings: "
+                        f"{recipe.list_differences(diff, vars(args), rec)}; give the run's settings to continue or "
+                        f"report it, or pass another --ckpt (or --seed) for a new run")
+    if raised and int(args.epochs) > int(rec.get("epochs", 0)):
+        notes.append(f"note: --epochs {args.epochs}: training on in {run_dir} (the run had {rec['epochs']} epochs)")
+    theirs, ours = rec.get("data_realpath"), recipe.data_root(args)
+    if theirs and ours and theirs != ours:
+        if not args.resume:
+            raise UserError(f"run folder {run_dir} was trained on the data at {theirs}, this command's is {ours}: "
+                            f"pass that data, or another --ckpt for a new run (--resume of its checkpoint continues "
+                            f"it on moved data)")
+        notes.append(f"note: the run was trained on the data at {theirs}; it continues on {ours} (--resume)")
+    return notes, rec.get("recipe_defaults")
 
 
 def build_model(args, task, info, job):
@@ -569,17 +618,19 @@ def choose_seed(args, ckpt, device, info):
 def open_run_folder(run_dir, args, ckpt, info, logger):
     """Rank 0 locks the folder, decides (runfolder.decide) and repairs it; every rank gets the decision.
 
-    Returns (state, lock file or None); raises the same UserError on every rank when refused.
+    Returns (state, lock file or None, notes: {"lines": [...], "recipe_defaults": ...}); raises the same
+    UserError on every rank when refused.
     """
-    lock, decision = None, None
+    lock, decision, notes = None, None, {}
     if info.is_main:
         try:
             lock = runfolder.lock(run_dir)
             runfolder.remove_stale_temporaries(run_dir, logger.info)
+            notes["lines"], notes["recipe_defaults"] = check_recipe(run_dir, args, ckpt)
             state = runfolder.decide(run_dir, args.resume, ckpt, args.epochs)
             if state == "finished":
                 logger.info(f"run {run_dir} is already finished ({args.epochs}/{args.epochs} epochs, best "
-                            f"{state_best(run_dir):.3f}): nothing to do (raise --epochs to train on)")
+                            f"{state_best(run_dir):.3f}): nothing to do (--resume its checkpoint with a higher --epochs to train on)")
             elif state == "resume":
                 own = (run_dir / runfolder.CHECKPOINT).is_file() and \
                     os.path.samefile(args.resume, run_dir / runfolder.CHECKPOINT)
@@ -594,7 +645,7 @@ def open_run_folder(run_dir, args, ckpt, info, logger):
         if lock is not None:
             lock.close()
         raise UserError(decision[1])
-    return decision[1], lock
+    return decision[1], lock, notes
 
 
 def state_best(run_dir):

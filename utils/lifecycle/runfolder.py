@@ -65,6 +65,29 @@ def remove_stale_temporaries(run_dir, log):
         log(f"removed a stale temporary file of a killed save: {p}")
 
 
+def is_run_folder(path):
+    """A folder the trainer made (its args.json or metrics.jsonl is there)."""
+    return (Path(path) / "args.json").is_file() or (Path(path) / METRICS).is_file()
+
+
+def holds_run(run_dir):
+    """The folder holds a run to protect: a checkpoint or a metrics row."""
+    return (Path(run_dir) / CHECKPOINT).is_file() or bool(read_rows(Path(run_dir) / METRICS))
+
+
+def read_settings(run_dir):
+    """The settings the run recorded: args.json, else its checkpoint's "args"; None when neither says."""
+    try:
+        rec = json.loads((Path(run_dir) / "args.json").read_bytes().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        rec = None
+    if isinstance(rec, dict) and "arch" in rec:
+        return rec
+    ck = peek(Path(run_dir) / CHECKPOINT) if (Path(run_dir) / CHECKPOINT).is_file() else None
+    rec = ck.get("args") if ck else None
+    return rec if isinstance(rec, dict) and "arch" in rec else None
+
+
 def progress(ckpt):
     """(completed epochs, batches done in the next one) of a checkpoint dict."""
     return int(ckpt.get("epoch", 0)), int(ckpt.get("iteration", 0))

@@ -184,16 +184,30 @@ def table_row(arch, attention_type, attention_param, top1, top5, epochs, source,
             "paper_source": paper_src, "source": str(source)}
 
 
+def recipe_of(args):
+    """A run's recipe (utils.recipe: every training setting but those in its readable name) from its
+    args.json: runs of one recipe only are seeds of one row."""
+    from ..recipe import NAMED, recipe
+    return {k: v for k, v in recipe(args).items() if k not in NAMED and k not in RECORD_ONLY}
+
+
+# args.json keys that the trainer adds to the flags (not settings of the run).
+RECORD_ONLY = frozenset({"seed_used", "world_size", "classes", "data_realpath", "recipe_defaults"})
+
+
 def run_row(run):
-    """The table row of a run folder (best epoch so far)."""
+    """The table row of a run folder (best epoch so far). `seed` is the seed given (--seed), None for a
+    run that drew its own: a drawn seed is no seed to show."""
     r = read_run(run)
     a, best = r["args"], r["best"]
     done = f"{len(r['rows'])}/{a.get('epochs', '?')}"
     dataset = a.get("dataset", "imagenet")
     classes = a.get("classes") or {"cifar10": 10, "cifar100": 100}.get(dataset, 1000)
-    return table_row(a["arch"], a.get("attention_type", "none"), a.get("attention_param"),
-                     best["val_acc1"] if best else None, best["val_acc5"] if best else None,
-                     done, r["run"], int(classes), dataset, a.get("seed_used", a.get("seed")))
+    row = table_row(a["arch"], a.get("attention_type", "none"), a.get("attention_param"),
+                    best["val_acc1"] if best else None, best["val_acc5"] if best else None,
+                    done, r["run"], int(classes), dataset, a.get("seed"))
+    row["recipe_settings"] = recipe_of(a)
+    return row
 
 
 def _mean_std(values):
@@ -206,11 +220,34 @@ def _mean_std(values):
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5  # sample std (ddof 1)
 
 
+def _recipe_key(r):
+    from ..recipe import canonical
+    return canonical(r.get("recipe_settings") or {})
+
+
+def name_settings(rows):
+    """Each row's "settings": the recipe settings in which runs of its model (dataset, arch, classes)
+    differ, e.g. "lr=0.01 epochs=2"; "" where all runs of the model share one recipe."""
+    from ..recipe import canonical
+    models = {}
+    for r in rows:
+        models.setdefault((r["dataset"], r["arch"], r["classes"]), []).append(r)
+    for group in models.values():
+        recipes = [r.get("recipe_settings") or {} for r in group]
+        keys = sorted({k for rec in recipes for k in rec
+                       if len({canonical(other.get(k)) for other in recipes}) > 1})
+        for r, rec in zip(group, recipes):
+            r["settings"] = " ".join(f"{k}={json.dumps(rec.get(k), default=str)}" for k in keys)
+    return rows
+
+
 def aggregate_seeds(rows):
-    """One row per setting: runs that differ only in their seed become mean +- sample std over seeds."""
+    """One row per setting: runs of one recipe that differ only in their seed become mean +- sample std
+    over seeds. Runs of other recipes (another lr, another number of epochs, ...) are other rows, named
+    by the settings in which they differ (name_settings)."""
     groups = {}
     for r in rows:
-        key = (r["dataset"], r["arch"], r["attention"], r["param"], r["classes"], r.get("recipe"))
+        key = (r["dataset"], r["arch"], r["attention"], r["param"], r["classes"], r.get("recipe"), _recipe_key(r))
         groups.setdefault(key, []).append(r)
     out = []
     for group in groups.values():
@@ -231,7 +268,7 @@ def aggregate_seeds(rows):
         row["epochs"] = epochs[0] if len(epochs) == 1 else ",".join(epochs)
         row["source"] = " ".join(sorted(str(r["source"]) for r in group))
         out.append(row)
-    return out
+    return name_settings(out)
 
 
 def sort_rows(rows):
@@ -264,34 +301,55 @@ def _model_label(r):
     return label if r["dataset"] == "imagenet" else f"{label} ({DATASET_LABEL.get(r['dataset'], r['dataset'])})"
 
 
+def _seeds(r):
+    """A row's Seeds cell: the number of runs; a single run's seed when it was given (--seed)."""
+    return str(r["seeds"] if r["seeds"] > 1 else (r["seed"] if r["seed"] is not None else 1))
+
+
+def _with_settings(head, rows, cells_of):
+    """The table's lines; a Settings column after Attention when runs of a model differ in their recipe."""
+    shown = any(r.get("settings") for r in rows)
+    if shown:
+        head = head[:2] + ["Settings"] + head[2:]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = cells_of(r)
+        if shown:
+            cells = cells[:2] + [r.get("settings") or "–"] + cells[2:]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(rows):
     head = ["Model", "Attention", "Params", "FLOPs", "Epochs", "Seeds", "Top-1", "Top-5",
             "Paper Top-1", "Paper Top-5", "Δ Top-1", "Δ Top-5", "Run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
+    def cells(r):
         mark = MARKS.get(r["paper_source"], "")
         small = r["dataset"] != "imagenet"  # CIFAR nets: 0.278 M / 0.0412 G need more digits
-        cells = [_model_label(r), attention_label(r["attention"], r["param"]),
-                 f"{r['params'] / 1e6:.{3 if small else 2}f} M", f"{r['flops'] / 1e9:.{4 if small else 2}f} G",
-                 str(r["epochs"]), str(r["seeds"] if r["seeds"] > 1 else (r["seed"] if r["seed"] is not None else 1)),
-                 _acc(r["top1"], r["top1_std"]), _acc(r["top5"], r["top5_std"]),
-                 _num(r["paper_top1"], ".2f") + (mark if r["paper_top1"] is not None else ""),
-                 _num(r["paper_top5"], ".2f"), _num(r["diff_top1"], "+.2f"), _num(r["diff_top5"], "+.2f"),
-                 _short(r["source"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        return [_model_label(r), attention_label(r["attention"], r["param"]),
+                f"{r['params'] / 1e6:.{3 if small else 2}f} M", f"{r['flops'] / 1e9:.{4 if small else 2}f} G",
+                str(r["epochs"]), _seeds(r),
+                _acc(r["top1"], r["top1_std"]), _acc(r["top5"], r["top5_std"]),
+                _num(r["paper_top1"], ".2f") + (mark if r["paper_top1"] is not None else ""),
+                _num(r["paper_top5"], ".2f"), _num(r["diff_top1"], "+.2f"), _num(r["diff_top5"], "+.2f"),
+                _short(r["source"])]
+    lines = _with_settings(head, rows, cells)
     notes = [f"Paper columns: {SOURCES['paper']}"]
     used = {r["paper_source"] for r in rows}
     notes += [f"{MARKS[s].strip()} {SOURCES[s]}" for s in ("log", "torchvision") if s in used]
     notes.append("Params/FLOPs: the paper's thop convention (multiply-adds at 224x224 for ImageNet, 32x32 for CIFAR), "
                  "for each model as trained (its number of classes).")
     if any(r["seeds"] > 1 for r in rows):
-        notes.append("Rows over several seeds show mean ± sample std; Seeds is their count (a single run shows its seed).")
+        notes.append("Rows over several seeds show mean ± sample std; Seeds is their count (a single run shows its "
+                     "seed when one was given).")
+    if any(r.get("settings") for r in rows):
+        notes.append("Settings: the recipe settings in which runs of a model differ; each row is one recipe.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 CSV_FIELDS = ["dataset", "arch", "attention", "param", "classes", "params", "flops", "epochs", "seeds",
               "top1", "top1_std", "top5", "top5_std",
-              "paper_top1", "paper_top5", "diff_top1", "diff_top5", "paper_source", "source"]
+              "paper_top1", "paper_top5", "diff_top1", "diff_top5", "paper_source", "source", "settings"]
 
 
 def csv_table(rows, fields=CSV_FIELDS):
@@ -300,7 +358,7 @@ def csv_table(rows, fields=CSV_FIELDS):
     w = csv.DictWriter(out, fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
     return out.getvalue()
 
 
@@ -338,16 +396,15 @@ def recipe_row(run):
 def recipe_markdown_table(rows):
     head = ["Model", "Attention", "Recipe", "Params", "FLOPs", "Epochs", "Seeds", "Top-1", "Top-5",
             "EMA Top-1", "EMA Top-5", "Run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
+    def cells(r):
         small = r["dataset"] != "imagenet"
-        lines.append("| " + " | ".join([
-            _model_label(r), attention_label(r["attention"], r["param"]), r["recipe"],
-            f"{r['params'] / 1e6:.{3 if small else 2}f} M", f"{r['flops'] / 1e9:.{4 if small else 2}f} G",
-            str(r["epochs"]), str(r["seeds"] if r["seeds"] > 1 else (r["seed"] if r["seed"] is not None else 1)),
-            _acc(r["top1"], r["top1_std"]), _acc(r["top5"], r["top5_std"]),
-            _acc(r["ema_top1"], r["ema_top1_std"]), _acc(r["ema_top5"], r["ema_top5_std"]),
-            _short(r["source"])]) + " |")
+        return [_model_label(r), attention_label(r["attention"], r["param"]), r["recipe"],
+                f"{r['params'] / 1e6:.{3 if small else 2}f} M", f"{r['flops'] / 1e9:.{4 if small else 2}f} G",
+                str(r["epochs"]), _seeds(r),
+                _acc(r["top1"], r["top1_std"]), _acc(r["top5"], r["top5_std"]),
+                _acc(r["ema_top1"], r["ema_top1_std"]), _acc(r["ema_top5"], r["ema_top5_std"]),
+                _short(r["source"])]
+    lines = _with_settings(head, rows, cells)
     notes = ["Modern-recipe runs (docs/recipes.md): tv2 = configs/imagenet/tv2/ (torchvision's ResNet-50 recipe; its "
              "plain ResNet-50: 80.858 top-1), modern = other recipe flags. The paper's figures are for its own recipe: "
              "no paper column.",
@@ -358,7 +415,7 @@ def recipe_markdown_table(rows):
 
 RECIPE_CSV_FIELDS = ["dataset", "arch", "attention", "param", "recipe", "classes", "params", "flops", "epochs",
                      "seeds", "top1", "top1_std", "top5", "top5_std", "ema_top1", "ema_top1_std", "ema_top5",
-                     "ema_top5_std", "source"]
+                     "ema_top5_std", "source", "settings"]
 
 
 # ---------------------------------------------------------------- COCO runs (main_coco.py)
@@ -402,7 +459,7 @@ def coco_run_row(run):
         box = mask = src = None
     row = {"detector": a["detector"], "arch": a["arch"], "attention": a.get("attention_type", "none"),
            "param": param, "classes": classes, "epochs": f"{len(rows)}/{a.get('epochs', '?')}",
-           "seed": a.get("seed_used", a.get("seed")), "paper_source": src, "source": str(run)}
+           "seed": a.get("seed"), "paper_source": src, "source": str(run)}
     for t, ref in (("bbox", box), ("segm", mask)):
         for i, k in enumerate(COCO_KEYS):
             row[f"{t}_{k}"] = last.get(f"{t}_{k}")
