@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train one CIFAR setting once per seed, one run after another, then print best Acc@1 per seed and
-# their mean +- sample std. Each run gets its own folder <ckpt>/<dataset>-<arch>[-<att>-param<p>]-seed<s>.
+# their mean +- sample std. Each run gets its own folder <ckpt>/<dataset>-<arch>[-<att>-param<p>][-<digest>]-seed<s>.
 #
 #   scripts/cifar_seeds.sh "0 1 2" --dataset cifar100 --dataset_dir DIR -a resnet20 --attention_type simam --attention_param 1e-4
 #   LAUNCH="torchrun --nproc_per_node=2" scripts/cifar_seeds.sh "0 1 2" --dataset cifar10 --dataset_dir DIR -a resnet56

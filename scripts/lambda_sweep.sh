@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's lambda search: train one SimAM model per (lambda, seed), one run after another, then draw
 # best top-1 (mean +- std over seeds) against lambda and print the table (scripts/plot_sweep.py).
-# Each run gets its own folder <ckpt>/<dataset>-<arch>-simam-param<lambda>-seed<s>.
+# Each run gets its own folder <ckpt>/<dataset>-<arch>-simam-param<lambda>[-<digest>]-seed<s> (the digest names
+# the other flags' non-default settings: docs/imagenet.md#run-folder-checkpoints-resume); the trainer prints it.
 #
 #   scripts/lambda_sweep.sh cifar "0 1 2" --dataset cifar100 --dataset_dir DIR -a resnet20 --ckpt runs/sweep
 #   LAMBDAS="1e-1 1e-4" scripts/lambda_sweep.sh imagenet "0" /data/imagenet -a resnet18 --ckpt runs/sweep

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.reporting.runs import (ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, effective_param, find_runs,
-                                  read_each, read_run)
+from utils.reporting.runs import (ARCH_LABEL, DETECTOR_LABEL, attention_label, best_key, differing_settings,
+                                  effective_param, find_runs, read_each, read_run, recipe_of)
 
 
 def run_label(args):
@@ -53,10 +53,11 @@ def make_figure(runs, title=None):
     last = max(len(r["rows"]) for r in runs)
     marker = "o" if last <= 30 else None  # short runs: show the epochs themselves
     drops = set()
+    settings = differing_settings([recipe_of(r["args"]) for r in runs])  # runs of other recipes say how
     for i, run in enumerate(runs):
         rows, c = run["rows"], colors[i % len(colors)]
         ep = [r["epoch"] for r in rows]
-        label = run_label(run["args"])
+        label = run_label(run["args"]) + (f" [{settings[i]}]" if settings[i] else "")
         style = dict(color=c, marker=marker, ms=4)
         if coco:
             ax_acc.plot(ep, [r["bbox_AP"] for r in rows], lw=2, **style,

@@ -108,10 +108,17 @@ def fill_from_record(args, record, source):
     location) the command line did not give; a given recipe setting that differs is refused, except
     --epochs raised above the run's (the run trains on). The command's own --config does not count as
     given: the run's record wins over it."""
+    from networks.attentions import resolve_param
     given = getattr(args, "given", None) or frozenset()
     ours = vars(args)
+    try:  # SimAM's 0.1 is its None: the same run
+        same_param = resolve_param(ours["attention_type"], ours["attention_param"]) == \
+            resolve_param(record.get("attention_type", "none"), record.get("attention_param"))
+    except (KeyError, ValueError):  # an unknown type: named by check_args or by the difference below
+        same_param = False
     differ = [k for k in differences(ours, record) if k in given
-              and not (k == "epochs" and int(ours[k]) > int(record[k]))]
+              and not (k == "epochs" and int(ours[k]) > int(record[k]))
+              and not (k == "attention_param" and same_param)]
     if differ:
         raise UserError(f"--resume {source} continues a run of other settings: {list_differences(differ, ours, record)}; "
                         f"resume without them (the run's own are used), or start a new run without --resume")

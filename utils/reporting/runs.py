@@ -225,19 +225,22 @@ def _recipe_key(r):
     return canonical(r.get("recipe_settings") or {})
 
 
+def differing_settings(recipes):
+    """For recipes (dicts), each one's settings where they differ, e.g. ["lr=0.1", "lr=0.01"]."""
+    from ..recipe import canonical
+    keys = sorted({k for rec in recipes for k in rec if len({canonical(other.get(k)) for other in recipes}) > 1})
+    return [" ".join(f"{k}={json.dumps(rec.get(k), default=str)}" for k in keys) for rec in recipes]
+
+
 def name_settings(rows):
     """Each row's "settings": the recipe settings in which runs of its model (dataset, arch, classes)
     differ, e.g. "lr=0.01 epochs=2"; "" where all runs of the model share one recipe."""
-    from ..recipe import canonical
     models = {}
     for r in rows:
         models.setdefault((r["dataset"], r["arch"], r["classes"]), []).append(r)
     for group in models.values():
-        recipes = [r.get("recipe_settings") or {} for r in group]
-        keys = sorted({k for rec in recipes for k in rec
-                       if len({canonical(other.get(k)) for other in recipes}) > 1})
-        for r, rec in zip(group, recipes):
-            r["settings"] = " ".join(f"{k}={json.dumps(rec.get(k), default=str)}" for k in keys)
+        for r, settings in zip(group, differing_settings([r.get("recipe_settings") or {} for r in group])):
+            r["settings"] = settings
     return rows
 
 
