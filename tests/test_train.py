@@ -67,10 +67,11 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
     run_b = run_dir(args + ["--epochs", "1", "--ckpt", tmp_path / "b"])
     first = (run_b / "checkpoint.pth.tar").read_bytes()
 
-    # A diverging continuation (weights made NaN in a copy of the checkpoint: another --lr would be another
-    # run) stops with one line and leaves the last good checkpoint untouched.
+    # A diverging continuation (a copy of the checkpoint whose classifier weights are 3e38, finite, so the
+    # logits overflow: another --lr would be another run) stops with one line and leaves the last good
+    # checkpoint untouched.
     broken = load(run_b / "checkpoint.pth.tar")
-    broken["state_dict"]["fc.weight"].fill_(float("nan"))
+    broken["state_dict"]["fc.weight"].fill_(3e38)
     torch.save(broken, tmp_path / "diverging.pth.tar")
     err = one_line_error(run_cli(args + ["--epochs", "2", "-p", "1", "--ckpt", tmp_path / "b",
                                          "--resume", tmp_path / "diverging.pth.tar"]))
