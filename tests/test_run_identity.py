@@ -103,7 +103,7 @@ def test_resume_with_a_differing_flag_is_refused_naming_it(sweep, capsys):
     run = run_dir(flags(data, ckpt, "--lr", "0.01"))
     before = snapshot(run)
     err = error([data, "--resume", run / "checkpoint.pth.tar", "--lr", "0.1", "--wd", "1e-4", "-j", "0"], capsys)
-    assert "--lr 0.1 (the run: 0.01)" in err and "--wd" not in err  # --wd 1e-4 is the run's own
+    assert "lr=0.1 (the run: 0.01)" in err and "weight_decay" not in err  # --wd 1e-4 is the run's own
     assert snapshot(run) == before
 
 
@@ -136,7 +136,7 @@ def test_another_recipe_or_data_in_an_existing_folder_is_refused(sweep, tmp_path
     before = snapshot(run_dir(cmd_a))
     err = error(cmd_b, capsys)
     assert f"run folder {run_dir(cmd_a)} holds a run of other settings: " in err
-    assert "--lr 0.01 (the run: 0.1)" in err and "--weight-decay 0.0005 (the run: 0.0001)" in err
+    assert "lr=0.01 (the run: 0.1)" in err and "weight_decay=0.0005 (the run: 0.0001)" in err
     assert snapshot(run_dir(cmd_a)) == before
 
     moved = tmp_path / "moved data"

@@ -81,13 +81,10 @@ def differences(a, b, skip=()):
     return [k for k in sorted(ra) if k in rb and k not in skip and canonical(ra[k]) != canonical(rb[k])]
 
 
-def flag(dest):
-    return "--" + dest.replace("_", "-") if len(dest) > 1 else "-" + dest
-
-
 def list_differences(keys, ours, theirs):
-    """ "--lr 0.1 (the run: 0.01), --wd ..." for a one-line message."""
-    return ", ".join(f"{flag(k)} {json.dumps(ours.get(k), default=str)} "
+    """ "lr=0.1 (the run: 0.01), weight_decay=..." for a one-line message (the settings' names are the
+    config keys, as in the "recipe:" line and args.json)."""
+    return ", ".join(f"{k}={json.dumps(ours.get(k), default=str)} "
                      f"(the run: {json.dumps(theirs.get(k), default=str)})" for k in keys)
 
 
@@ -120,7 +117,8 @@ def fill_from_record(args, record, source):
               and not (k == "epochs" and int(ours[k]) > int(record[k]))
               and not (k == "attention_param" and same_param)]
     if differ:
-        raise UserError(f"--resume {source} continues a run of other settings: {list_differences(differ, ours, record)}; "
+        raise UserError(f"--resume {source} continues a run of other settings: "
+                        f"{list_differences(differ, ours, record)}; "
                         f"resume without them (the run's own are used), or start a new run without --resume")
     for k, v in record.items():
         if k in ours and k not in given and (k in FILLED_ON_RESUME or k not in NOT_RECIPE):

@@ -334,7 +334,8 @@ def open_run(args, task, info, job):
     job.logger.info(f"run folder: {job.run_dir}")
     diff = recipe.changes(args)
     if diff:
-        job.logger.info(f"recipe: {recipe.describe(diff)} (settings that differ from the defaults; digest {recipe.digest(diff)})")
+        job.logger.info(f"recipe: {recipe.describe(diff)} (settings that differ from the defaults; "
+                        f"digest {recipe.digest(diff)})")
     for line in notes.get("lines", ()):
         job.logger.info(line)
     job.logger.file(f"settings: {json.dumps(dict(vars(args), seed_used=job.seed), default=str)}")
@@ -342,7 +343,7 @@ def open_run(args, task, info, job):
         job.logger.info("warning: the data has 1 class: every accuracy will be 100%")
 
 
-def check_recipe(run_dir, args, ckpt):
+def check_recipe(run_dir, args):
     """A run folder that holds a run is continued or reported only for the same recipe and data.
     Returns (note lines, the run's recorded recipe defaults or None); UserError naming what differs."""
     if not runfolder.holds_run(run_dir):
@@ -626,11 +627,12 @@ def open_run_folder(run_dir, args, ckpt, info, logger):
         try:
             lock = runfolder.lock(run_dir)
             runfolder.remove_stale_temporaries(run_dir, logger.info)
-            notes["lines"], notes["recipe_defaults"] = check_recipe(run_dir, args, ckpt)
+            notes["lines"], notes["recipe_defaults"] = check_recipe(run_dir, args)
             state = runfolder.decide(run_dir, args.resume, ckpt, args.epochs)
             if state == "finished":
                 logger.info(f"run {run_dir} is already finished ({args.epochs}/{args.epochs} epochs, best "
-                            f"{state_best(run_dir):.3f}): nothing to do (--resume its checkpoint with a higher --epochs to train on)")
+                            f"{state_best(run_dir):.3f}): nothing to do (--resume its checkpoint with a higher "
+                            f"--epochs to train on)")
             elif state == "resume":
                 own = (run_dir / runfolder.CHECKPOINT).is_file() and \
                     os.path.samefile(args.resume, run_dir / runfolder.CHECKPOINT)
