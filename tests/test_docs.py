@@ -1,9 +1,13 @@
 """The documentation holds together: README.md stays a front page, and every relative link of README.md and
 docs/*.md, and every docs/ path named in code, configs, scripts and the Makefile, points at something that exists
 (for a #anchor: a heading of the target page, slugged as GitHub slugs it)."""
+import argparse
+import math
 import os
 import re
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -130,3 +134,203 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     (tmp_path / "tool.py").write_text('"""See docs/page.md and docs/missing.md."""\n')
     (tmp_path / "Makefile").write_text("doc:\n\tcat docs/page.md docs/gone.md\n")
     assert sorted(missing_docs_paths(tmp_path)) == [("Makefile", "docs/gone.md"), ("tool.py", "docs/missing.md")]
+
+
+# --- --help tells the truth, and the docs' flag tables agree with it -------------------------------------
+
+def script_parsers():
+    """{script: its parser} for the three training scripts."""
+    import main_cifar
+    import main_coco
+    import main_imagenet
+    return {"main_imagenet.py": main_imagenet.get_args_parser(), "main_cifar.py": main_cifar.get_args_parser(),
+            "main_coco.py": main_coco.get_args_parser()}
+
+
+def help_of(parser, action):
+    """An action's help as --help prints it (%(default)s and the like expanded), on one line."""
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+def shown_actions(parser):
+    """The flags --help lists (not -h itself, not the hidden aliases of the reference's names)."""
+    return [a for a in parser._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
+
+
+def shown_default(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def test_help_shows_each_scripts_own_defaults():
+    """Every flag has a help text, and every help text states the flag's real default (the value the
+    parser gives, so the text cannot drift from it); main_coco's two-valued defaults name both values
+    resolve_defaults picks."""
+    import main_coco
+    for script, parser in script_parsers().items():
+        for action in shown_actions(parser):
+            text = help_of(parser, action)
+            assert text.strip(), f"{script} {action.option_strings or action.dest}: no help text"
+            if action.default not in (None, False, "", [], argparse.SUPPRESS):
+                assert f"default: {shown_default(action.default)}" in text, (script, action.dest, text)
+    helps = {s: {a.dest: help_of(p, a) for a in shown_actions(p)} for s, p in script_parsers().items()}
+    for key in ("epochs", "batch_size", "min_size", "max_size", "warmup_iters"):
+        dest_help = helps["main_coco.py"][key]
+        assert (f"default: {main_coco.RECIPE_DEFAULTS[key]}; demo set: {main_coco.DEMO_DEFAULTS[key]}"
+                in dest_help), dest_help
+    # the values issue 23 found misreported, as the scripts really use them
+    assert "(default: resnet20)" in helps["main_cifar.py"]["arch"]
+    assert "(default: 164)" in helps["main_cifar.py"]["epochs"] and "(default: 128)" in helps["main_cifar.py"]["batch_size"]
+    assert "(default: 0.0005)" in helps["main_cifar.py"]["weight_decay"]
+    assert "(default: 81 122," in helps["main_cifar.py"]["milestones"]
+    assert "30 epochs" not in helps["main_cifar.py"]["cos_lr"]
+    assert "(default: resnet50)" in helps["main_coco.py"]["arch"] and "(default: 0.02)" in helps["main_coco.py"]["lr"]
+    assert "(default: 8 11," in helps["main_coco.py"]["milestones"]
+
+
+def test_help_lists_the_registries(monkeypatch):
+    """-a lists the script's archs and --attention_type every registered module, read from the registries
+    when the parser is built: a module added to ATTENTIONS shows with no other edit."""
+    import main_cifar
+    import main_coco
+    import main_imagenet
+    from networks import ATTENTION_CHOICES, model_names
+    from networks.attentions import ATTENTIONS, SimAM
+    archs = {"main_imagenet.py": main_imagenet.TASK.archs, "main_cifar.py": model_names("cifar"),
+             "main_coco.py": main_coco.ARCHS}
+    for script, parser in script_parsers().items():
+        actions = {a.dest: a for a in parser._actions}
+        listed = help_of(parser, actions["arch"]).split("(default")[0]
+        assert re.findall(r"[\w.]+", listed.split(":", 1)[1]) == list(archs[script]), script
+        listed = help_of(parser, actions["attention_type"]).split("(default")[0]
+        assert re.findall(r"\w+", listed.split(":", 1)[1]) == list(ATTENTION_CHOICES), script
+
+    class MyModule(SimAM):
+        default_param = 0.5
+
+    monkeypatch.setitem(ATTENTIONS, "mymodule", MyModule)
+    parser = main_cifar.get_args_parser()
+    actions = {a.dest: a for a in parser._actions}
+    assert "| mymodule (default" in help_of(parser, actions["attention_type"])
+    assert "mymodule 0.5)" in help_of(parser, actions["attention_param"])
+
+
+def test_coco_refuses_the_classifier_only_flags(capsys):
+    """main_coco.py does not offer the classifiers' schedule and loss flags it would ignore: each is
+    refused in one line (exit 2) on the command line, and in a config file, and --help lists none."""
+    import main_coco
+    from utils import UserError
+    from utils.args import CLASSIFIER_ONLY, parse_args
+    parser = main_coco.get_args_parser()
+    flags = ["--cos_lr", "--cos-ref-shift", "--warmup-epochs", "--label-smoothing"]
+    offered = {s for a in parser._actions for s in a.option_strings}
+    assert not offered & set(flags) and not set(CLASSIFIER_ONLY) & {a.dest for a in parser._actions}
+    for argv in (["--cos_lr"], ["--cos-ref-shift"], ["--warmup-epochs", "2"], ["--label-smoothing", "0.1"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(main_coco.get_args_parser(), argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and f"unrecognized arguments: {argv[0]}" in err
+    assert vars(parse_args(main_coco.get_args_parser(), [])).items() >= CLASSIFIER_ONLY.items()  # the trainer reads them
+
+
+FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+
+
+def flag_table(page):
+    """The rows of a page's flag table (the first table whose header's first cell is `flag`):
+    [(flags named in the first cell, the default cell, the whole row)]."""
+    rows, in_table = [], False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells and cells[0] == "flag":
+            in_table = True
+        elif in_table and not cells:
+            break
+        elif in_table and not set(cells[0]) <= set("-: "):
+            flags = [f for span in re.findall(r"`([^`]*)`", cells[0]) for f in FLAG.findall(span.split(" ")[0])]
+            rows.append((flags, cells[1], line))
+    return rows
+
+
+def states(cell, value):
+    """False when a table's default cell states a value other than `value`; True when it states `value`
+    or describes the default in words (`module's own`, `--wd`)."""
+    text = re.split(r";| \(", cell.replace("`", ""))[0].strip()
+    if text in ("off", "on", "none", ""):
+        return {"off": value in (False, None, 0, "off"), "on": value is True,
+                "none": value in (None, "none"), "": True}[text]
+    numbers = text.split()
+    try:
+        stated = [float(n) for n in numbers]
+    except ValueError:  # a name (compared with a string default) or words describing the default
+        return text == value if isinstance(value, str) and re.fullmatch(r"[\w.-]+", text) else True
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            and len(values) == len(stated) and all(math.isclose(float(v), s) for v, s in zip(values, stated)))
+
+
+def effective_defaults(script, parser):
+    """What a run gets without flags: the parser's defaults (main_coco: with DATA, resolve_defaults')."""
+    from utils.args import parse_args
+    if script == "main_coco.py":
+        import main_coco
+        return vars(main_coco.resolve_defaults(parse_args(parser, ["DATA"])))
+    return vars(parse_args(parser, []))
+
+
+FLAG_PAGES = {"main_imagenet.py": "imagenet.md", "main_cifar.py": "cifar.md", "main_coco.py": "coco.md"}
+
+
+def table_disagreements(script, parser, page):
+    """What a page's flag table gets wrong against --help: flags missing from it, flags --help does not
+    list, defaults it states otherwise, registry names its -a / --attention_type rows leave out."""
+    shown = shown_actions(parser)
+    by_flag = {s: a for a in shown for s in a.option_strings}
+    defaults = effective_defaults(script, parser)
+    rows = flag_table(page)
+    problems = []
+    if not rows:
+        return [f"{page.name}: no flag table (| flag | default | meaning |)"]
+    named = {f for flags, _, _ in rows for f in flags}
+    for action in shown:
+        if action.option_strings and not set(action.option_strings) & named:
+            problems.append(f"{script} {action.option_strings[0]} is not in {page.name}'s table")
+    for flags, cell, line in rows:
+        unknown = [f for f in flags if f not in by_flag]
+        problems += [f"{page.name} names {f}, which {script} --help does not list" for f in unknown]
+        actions = list(dict.fromkeys(by_flag[f] for f in flags if f in by_flag))
+        parts = [cell] if len(actions) == 1 else cell.split(", ")
+        if len(parts) == len(actions):
+            for action, part in zip(actions, parts):
+                if not states(part, defaults[action.dest]):
+                    problems.append(f"{page.name}: {action.option_strings[0]} default {part!r}, "
+                                    f"{script} has {shown_default(defaults[action.dest])}")
+        for action in actions:
+            if action.dest in ("arch", "attention_type"):
+                listed = re.findall(r"[\w.]+", help_of(parser, action).split("(default")[0].split(":", 1)[1])
+                problems += [f"{page.name}: {action.option_strings[0]} row leaves out {n}" for n in listed
+                             if not re.search(rf"(?<![\w.]){re.escape(n)}(?![\w.])", line)]
+    return problems
+
+
+def test_flag_tables_agree_with_help():
+    """Each script's docs page has a flag table naming every flag --help lists and no other, with the
+    defaults --help states, and every arch and attention type the registries hold."""
+    for script, parser in script_parsers().items():
+        assert not table_disagreements(script, parser, ROOT / "docs" / FLAG_PAGES[script])
+
+
+def test_table_check_catches_what_it_is_for(tmp_path):
+    """The table checker reports a missing flag, an unknown one, a wrong default and a left-out attention type."""
+    import main_cifar
+    parser = main_cifar.get_args_parser()
+    page = tmp_path / "cifar.md"
+    good = (ROOT / "docs" / "cifar.md").read_text(encoding="utf-8")
+    page.write_text(good)
+    assert table_disagreements("main_cifar.py", parser, page) == []
+    row = next(line for line in good.splitlines() if line.startswith("| `--epochs"))
+    page.write_text(good.replace(row, row.replace("164", "165") + "\n| `--no-such-flag` | off | x |")
+                    .replace("| `--test-batch-size", "| `--tbs").replace("triplet", "trip"))
+    found = "\n".join(table_disagreements("main_cifar.py", parser, page))
+    for what in ("--epochs default '165'", "names --no-such-flag", "--test-batch-size is not in",
+                 "leaves out triplet"):
+        assert what in found, found
