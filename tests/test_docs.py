@@ -334,3 +334,239 @@ def test_table_check_catches_what_it_is_for(tmp_path):
     for what in ("--epochs default '165'", "names --no-such-flag", "--test-batch-size is not in",
                  "leaves out triplet"):
         assert what in found, found
+
+
+# --- every command of README.md and docs/*.md runs as written ------------------------------------------
+
+MAIN_SCRIPTS = ("main_imagenet.py", "main_cifar.py", "main_coco.py")
+# Flags docs/own-experiments.md documents that another branch adds (issue 23: fine-tuning). Once the flag
+# exists, test_pending_flags_are_still_pending fails: delete it here.
+PENDING_FLAGS = ("--pretrained",)
+PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")  # DATA, DIR, CKPT, RUN_R50, F: the reader's own
+
+
+def code_lines(text):
+    """(line number, line) of a Markdown text's fenced and indented code blocks."""
+    prose = set()
+    lines = text.splitlines()
+    in_fence = in_indented = False
+    previous_blank = True
+    for n, line in enumerate(lines, 1):
+        if FENCE.match(line):
+            in_fence = not in_fence
+            prose.add(n)
+            continue
+        if in_fence:
+            yield n, line
+        elif line.startswith(("    ", "\t")) and (previous_blank or in_indented):
+            in_indented = True
+            yield n, line
+        elif not line.strip():
+            previous_blank = True
+            continue
+        else:
+            in_indented = False
+        previous_blank = False
+
+
+def doc_commands(page):
+    """(where, argv) of each shell command in a page's code blocks: continuation lines joined, comments
+    and leading VAR=value assignments dropped, `a && b` split; argv starts at the program."""
+    import shlex
+    out, pending, start = [], "", None
+    for n, line in code_lines(page.read_text(encoding="utf-8")):
+        start = start or n
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        text, pending = pending + line, ""
+        try:
+            tokens = shlex.split(text, comments=True)
+        except ValueError:  # not shell (a Python snippet, a layout sketch)
+            tokens = []
+        command = []
+        for tok in tokens + ["&&"]:
+            if tok in ("&&", ";", "|"):
+                while command and (re.fullmatch(r"\w+=.*", command[0]) or command[0] in ("do", "then", "else")):
+                    command.pop(0)
+                if command:
+                    out.append((f"{page.name}:{start}", command))
+                command = []
+            else:
+                command.append(tok)
+        start = None
+    return out
+
+
+def script_and_args(argv):
+    """(script, its arguments) for `python X`, `torchrun [opts] X`, `X` (a scripts/ file), `make T`;
+    None for other programs."""
+    if argv[0] in ("python", "python3") and len(argv) > 1 and argv[1] != "-":
+        return argv[1], argv[2:]
+    if argv[0] == "torchrun":
+        i = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
+        return (argv[i], argv[i + 1:]) if i is not None else None
+    if argv[0] == "sbatch":
+        i = next((i for i, a in enumerate(argv) if a.startswith("scripts/")), None)
+        return (argv[i], argv[i + 1:]) if i is not None else None
+    if argv[0].startswith("scripts/") or argv[0] == "make":
+        return argv[0], argv[1:]
+    return None
+
+
+def without_elisions(parser, args):
+    """The arguments with `...` and `[flags]` placeholders left out (and a flag whose value was one)."""
+    takes_value = {s for a in parser._actions if a.nargs != 0 for s in a.option_strings}
+    kept = []
+    for a in args:
+        if "..." in a or re.fullmatch(r"\[.*\]", a) or a.startswith("$"):  # $lr: a loop's variable
+            if kept and kept[-1] in takes_value:
+                kept.pop()
+            continue
+        kept.append(a)
+    return kept
+
+
+def main_command_problems(script, args):
+    """What is wrong with `python SCRIPT ARGS` as written: a flag the parser does not know, a bad value,
+    a --config that does not exist, an arch or attention type the script refuses, a run-folder
+    checkpoint (checkpoint.pth.tar, model_best.pth.tar) outside the run folder this command's own
+    settings name."""
+    import main_cifar
+    import main_coco
+    import main_imagenet
+    from utils import UserError
+    from utils.args import parse_args, run_name
+    from utils.trainer import check_args, effective_param
+    module = {"main_imagenet.py": main_imagenet, "main_cifar.py": main_cifar, "main_coco.py": main_coco}[script]
+    parser = module.get_args_parser()
+    args = without_elisions(parser, args)
+    for flag in PENDING_FLAGS:  # documented, not merged yet: left out with its value
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+    try:
+        import contextlib
+        import io
+        with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+            parsed = parse_args(parser, args)
+    except SystemExit as e:  # --help: 0; a bad command line: 2 and its error line
+        return [err.getvalue().strip()] if e.code else []
+    except UserError as e:
+        return [str(e)]
+    if script == "main_coco.py":
+        main_coco.resolve_defaults(parsed)
+    task = module.TASK if script == "main_imagenet.py" else module.make_task(parsed)
+    resume, problems = parsed.resume, []
+    parsed.resume = __file__ if resume else ""  # a file that exists: whether it will is checked below
+    try:
+        check_args(parsed, task)
+    except UserError as e:
+        problems.append(str(e))
+    if Path(resume).name in ("checkpoint.pth.tar", "model_best.pth.tar") and \
+            not any(PLACEHOLDER.fullmatch(part) for part in Path(resume).parts):
+        run = Path(parsed.ckpt) / run_name(task.name, parsed.arch, parsed.attention_type, effective_param(parsed),
+                                           parsed.seed)
+        if Path(resume).parent != run:
+            problems.append(f"--resume {resume}: this command's run folder is {run}/")
+    return problems
+
+
+def command_problems(argv):
+    """What is wrong with one documented command (see main_command_problems); for scripts/ and make:
+    the file or target exists, every --flag appears in the script's source, every configs/ path exists."""
+    found = script_and_args(argv)
+    if found is None:
+        return []
+    script, args = found
+    if script == "make":
+        targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
+        return [f"no make target {t}" for t in args if "=" not in t and t not in targets]
+    if Path(script).name in MAIN_SCRIPTS:
+        if script.startswith("/"):
+            return []
+        return ([] if (ROOT / script).is_file() else [f"no file {script}"]) or main_command_problems(script, args)
+    if not (ROOT / script).is_file():
+        return [f"no file {script}"]
+    problems = [f"no file {a}" for a in args if a.startswith("configs/") and "..." not in a and "THIS" not in a
+                and not (ROOT / a).exists()]
+    if script.endswith((".sh", ".py")):
+        source = (ROOT / script).read_text(encoding="utf-8")
+        for a in args:
+            flag = re.match(r"(--?[A-Za-z][\w-]*)", a.lstrip("["))
+            if flag and script.endswith(".py") and f'"{flag.group(1)}"' not in source:
+                problems.append(f"{script} has no flag {flag.group(1)}")
+    if Path(script).name in ("train.sh", "slurm_train.sh") and len(args) >= 2:
+        config, data, rest = args[0], args[1], args[2:]
+        text = (ROOT / config).read_text(encoding="utf-8") if (ROOT / config).is_file() else ""
+        main = "main_coco.py" if re.search(r"^detector\s*=", text, re.M) else "main_imagenet.py"
+        problems += main_command_problems(main, [data, *rest] + (["--config", config] if text else []))
+    return problems
+
+
+def test_every_documented_command_is_valid():
+    """Every command in README.md's and docs/*.md's code blocks names scripts, make targets, flags and
+    configs that exist, with values the script takes, and a checkpoint path in the run folder its own
+    settings write."""
+    commands = [c for page in PAGES for c in doc_commands(page)]
+    assert len(commands) > 50, "the extractor found too few commands"
+    bad = {f"{where}: {' '.join(argv)}": p for where, argv in commands for p in [command_problems(argv)] if p}
+    assert not bad
+
+
+def test_command_check_catches_what_it_is_for(tmp_path):
+    """The command checker reports README's former `-e --resume model_best.pth.tar`, cifar.md's former
+    `-seed0` path, an unknown flag, a missing config and a bad arch, and accepts elided commands."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n"
+        "    python main_imagenet.py DATA -a resnet50 --attention_type simam -e --resume model_best.pth.tar\n"
+        "    python main_cifar.py --dataset cifar100 -a resnet20 --attention_type simam --attention_param 1e-4 \\\n"
+        "        -e --resume checkpoints/cifar100-resnet20-simam-param0.0001-seed0/model_best.pth.tar\n"
+        "    OMP_NUM_THREADS=1 python main_coco.py --no-such-flag && make nothing\n"
+        "\n```\ntorchrun --nproc_per_node=2 main_imagenet.py DATA --config configs/none.toml\n"
+        "python main_cifar.py -a resnet18   # an ImageNet arch\n"
+        "python main_imagenet.py DATA -a resnet18 --seed 3 -e --resume checkpoints/imagenet-resnet18-seed3/checkpoint.pth.tar\n"
+        "python main_coco.py DATA --config configs/coco/... --gpu 0,1 ...\n```\n")
+    found = [(w.split(":")[1], command_problems(argv)) for w, argv in doc_commands(page)]
+    assert [w for w, _ in found] == ["3", "4", "6", "6", "9", "10", "11", "12"]
+    problems = [p for _, ps in found for p in ps]
+    assert len([ps for _, ps in found if ps]) == 6, found
+    assert any("imagenet-resnet50-simam-param0.0001/" in p for p in problems)
+    assert any("cifar100-resnet20-simam-param0.0001/" in p for p in problems)
+    assert any("--no-such-flag" in p for p in problems) and "no make target nothing" in problems
+    assert any("configs/none.toml" in p for p in problems) and any("unknown arch 'resnet18'" in p for p in problems)
+
+
+# Documented commands cheap enough to run here, in this process (each a script's main(argv)), with the
+# exit status the page promises; the test fails if a page stops showing one, so the list cannot go stale.
+CHEAP_COMMANDS = {("reliability.md", "python main_imagenet.py /no/such/folder"): 1,
+                  ("own-experiments.md", "python main_imagenet.py --help"): 0,
+                  ("own-experiments.md", "python main_cifar.py --help"): 0,
+                  ("own-experiments.md", "python main_coco.py --help"): 0}
+
+
+def test_cheap_documented_commands_run(capsys):
+    """The cheap commands of the docs run as written: a refusal is one `error:` line and exit 1, --help
+    exits 0 and prints every flag of the parser."""
+    import importlib
+    shown = {(Path(w.split(":")[0]).name, " ".join(argv)) for page in PAGES for w, argv in doc_commands(page)}
+    for (page, command), status in CHEAP_COMMANDS.items():
+        assert (page, command) in shown, f"{page} no longer shows `{command}`"
+        _, script, *argv = command.split()
+        module = importlib.import_module(script.removesuffix(".py"))
+        with pytest.raises(SystemExit) as e:
+            module.main(argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == status, (command, out[-500:], err[-500:])
+        if status:
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+        else:
+            flags = {s for a in shown_actions(module.get_args_parser()) for s in a.option_strings}
+            assert flags and all(f in out for f in flags), command
+
+
+def test_pending_flags_are_still_pending():
+    """A documented flag the checker leaves out because its branch has not landed must not exist yet."""
+    known = {s for parser in script_parsers().values() for a in parser._actions for s in a.option_strings}
+    assert not known & set(PENDING_FLAGS), "these flags exist now: remove them from PENDING_FLAGS"
