@@ -159,6 +159,13 @@ def test_seed_limit_holds_for_every_consumer():
     mix = batch_mix(argparse.Namespace(mixup_alpha=0.2, cutmix_alpha=1.0), 3, SEED_MAX, 0)
     images, target = mix(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), epoch, 10**6)
     assert target.shape == (2, 3)
+    # A checkpoint of an older version may record a seed past the limit: refused at resume, not at epoch 2.
+    from utils.distributed import DistInfo
+    from utils.trainer import choose_seed
+    args = argparse.Namespace(seed=None, resume="old.pth.tar")
+    assert choose_seed(args, {"seed": SEED_MAX}, torch.device("cpu"), DistInfo()) == SEED_MAX
+    with pytest.raises(UserError, match=r"the seed recorded in old.pth.tar must be in \[0, 4294967295\], got 18446744073709551615"):
+        choose_seed(args, {"seed": 2**64 - 1}, torch.device("cpu"), DistInfo())
 
 
 def test_policy_limits_are_torchvisions():

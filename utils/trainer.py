@@ -555,6 +555,8 @@ def ema_from(args, model, ckpt, world_size, per_rank_batch, device, logger):
 def choose_seed(args, ckpt, device, info):
     """--seed, else the seed the resumed run used, else a fresh one; the same on every rank."""
     recorded = ckpt.get("seed") if isinstance(ckpt, dict) else None
+    if recorded is not None:  # an older version took any integer: the samplers failed at the next epoch
+        check_number(f"the seed recorded in {args.resume}", int(recorded), 0, SEED_MAX)
     if args.seed is not None:
         if recorded is not None and int(recorded) != args.seed:
             raise UserError(f"--seed {args.seed}, but {args.resume} was trained with seed {recorded}: "
