@@ -17,9 +17,9 @@ import math
 import torch
 
 from networks import ATTENTION_CHOICES, create_net, model_names
-from utils import UserError, cli_main
+from utils import cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import add_recipe_args, parse_args, set_help
+from utils.args import add_recipe_args, check_number, parse_args, set_help
 from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, read_classes, read_split
 from utils.inputs.data import SampleAugment, augment_options
 from utils.schedule import lr_at, schedule_from_args
@@ -113,6 +113,15 @@ def schedule(args, iters_per_epoch):
     return lr_fn
 
 
+def check_schedule_args(args):
+    """CIFAR's own numbers (the trainer's check_args checks the common ones)."""
+    check_number("--test-batch-size", args.test_batch_size, 1)
+    check_number("--gamma", args.gamma, 0, low_open=True)  # 0 would stop training at the first milestone
+    for m in args.milestones:
+        check_number("--milestones", m, 0)
+    return args
+
+
 def make_task(args):
     return Task(name=args.dataset, archs=model_names("cifar"), attentions=ATTENTION_CHOICES, classes=classes,
                 datasets=datasets, model=model, image_size=32, loader=make_loader(args), schedule=schedule)
@@ -120,9 +129,7 @@ def make_task(args):
 
 def main(argv=None):
     def go():
-        args = parse_args(get_args_parser(), argv)
-        if args.test_batch_size < 1:
-            raise UserError(f"--test-batch-size must be at least 1, got {args.test_batch_size}")
+        args = check_schedule_args(parse_args(get_args_parser(), argv))
         return run(args, make_task(args))
     return cli_main(go)
 

@@ -18,7 +18,7 @@ import os
 from networks import ATTENTION_CHOICES, DETECTORS, create_detector, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import parse_args, set_help
+from utils.args import check_number, parse_args, set_help
 from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, collate_detection, ensure_coco_demo, metrics_line
 from utils.detection_engine import evaluate, load_pretrained_backbone, train_one_epoch
 from utils.logger import RunLogger
@@ -105,8 +105,12 @@ def resolve_defaults(args):
             setattr(args, key, value)
     if args.min_size < 1 or args.max_size < args.min_size:
         raise UserError(f"--min-size {args.min_size} / --max-size {args.max_size}: need 1 <= min <= max")
-    if args.lr_base_batch < 1 or args.warmup_iters < 0:
-        raise UserError("--lr-base-batch must be >= 1 and --warmup-iters >= 0")
+    check_number("--lr-base-batch", args.lr_base_batch, 1)
+    check_number("--warmup-iters", args.warmup_iters, 0)
+    check_number("--warmup-ratio", args.warmup_ratio, 0, 1)
+    check_number("--gamma", args.gamma, 0, low_open=True)  # 0 would stop training at the first milestone
+    for m in args.milestones:
+        check_number("--milestones", m, 0)
     args.model_kw = model_kw(args.model_kw) if isinstance(args.model_kw, list) else dict(args.model_kw)
     if args.data is None:
         args.model_kw = {**DEMO_MODEL_KW, **args.model_kw}

@@ -179,30 +179,50 @@ def add_recipe_args(p):
     return p
 
 
+# The policies' own limits (torchvision.transforms.v2): RandAugment indexes num_magnitude_bins=31 magnitudes
+# with --ra-magnitude, AugMix refuses a severity outside 1..10 (its _PARAMETER_MAX).
+RA_MAGNITUDE_MAX = 30
+AUGMIX_SEVERITY_MAX = 10
+# --seed: numpy seeds take 32 bits, and every consumer adds at most the epoch (sampler seed + epoch) to it.
+SEED_MAX = 2**32 - 1
+
+
+def check_number(flag, value, low=None, high=None, low_open=False, high_open=False):
+    """UserError (one line) unless `value` is a finite number within the bounds (None: unbounded; low_open /
+    high_open: the bound itself is excluded). None values (an optional flag left off) pass."""
+    if value is None:
+        return
+    finite = isinstance(value, int) or math.isfinite(value)  # int: math.isfinite overflows on huge ints
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if finite and above and below:
+        return
+    if low is not None and high is not None:
+        want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif isinstance(value, int) and not low_open:
+        want = f"at least {low}"
+    else:
+        want = f"a finite number {'>' if low_open else '>='} {low}"
+    raise UserError(f"{flag} must be {want}, got {value}")
+
+
 def check_recipe_args(args):
     """The recipe flags' ranges, checked before anything is built (no-op for scripts without them)."""
     if not hasattr(args, "mixup_alpha"):
         return
-    for flag, v in (("--mixup-alpha", args.mixup_alpha), ("--cutmix-alpha", args.cutmix_alpha)):
-        if not (math.isfinite(v) and v >= 0):
-            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
+    for flag, v in (("--mixup-alpha", args.mixup_alpha), ("--cutmix-alpha", args.cutmix_alpha),
+                    ("--norm-weight-decay", args.norm_weight_decay), ("--bias-weight-decay", args.bias_weight_decay),
+                    ("--lr-min", args.lr_min)):
+        check_number(flag, v, 0)
     for flag, v in (("--random-erase", args.random_erase), ("--model-ema-decay", args.model_ema_decay)):
-        if not 0 <= v <= 1:
-            raise UserError(f"{flag} must be in [0, 1], got {v}")
-    if args.lr_warmup_decay is not None and not 0 < args.lr_warmup_decay <= 1:
-        raise UserError(f"--lr-warmup-decay must be in (0, 1], got {args.lr_warmup_decay}")
+        check_number(flag, v, 0, 1)
+    check_number("--lr-warmup-decay", args.lr_warmup_decay, 0, 1, low_open=True)
     for flag, v in (("--ra-reps", args.ra_reps), ("--grad-accum-steps", args.grad_accum_steps),
-                    ("--model-ema-steps", args.model_ema_steps), ("--augmix-severity", args.augmix_severity)):
-        if v < 1:
-            raise UserError(f"{flag} must be at least 1, got {v}")
-    if args.ra_magnitude < 0:
-        raise UserError(f"--ra-magnitude must be >= 0, got {args.ra_magnitude}")
-    for flag, v in (("--norm-weight-decay", args.norm_weight_decay), ("--bias-weight-decay", args.bias_weight_decay),
-                    ("--clip-grad-norm", args.clip_grad_norm)):
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
-    if not (math.isfinite(args.lr_min) and args.lr_min >= 0):
-        raise UserError(f"--lr-min must be a finite number >= 0, got {args.lr_min}")
+                    ("--model-ema-steps", args.model_ema_steps)):
+        check_number(flag, v, 1)
+    check_number("--ra-magnitude", args.ra_magnitude, 0, RA_MAGNITUDE_MAX)
+    check_number("--augmix-severity", args.augmix_severity, 1, AUGMIX_SEVERITY_MAX)
+    check_number("--clip-grad-norm", args.clip_grad_norm, 0, low_open=True)  # 0 would zero every gradient
     if args.lr_scheduler is None and args.lr_min:
         raise UserError("--lr-min goes with --lr-scheduler cosineannealinglr")
     if args.lr_scheduler is not None:
