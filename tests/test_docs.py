@@ -502,7 +502,16 @@ def command_problems(argv):
             flag = re.match(r"(--?[A-Za-z][\w-]*)", a.lstrip("["))
             if flag and script.endswith(".py") and f'"{flag.group(1)}"' not in source:
                 problems.append(f"{script} has no flag {flag.group(1)}")
-    if Path(script).name in ("train.sh", "slurm_train.sh") and len(args) >= 2:
+    # the launchers: the flags they hand to a trainer, parsed by that trainer
+    name = Path(script).name
+    if name == "cifar_seeds.sh" and args:
+        problems += main_command_problems("main_cifar.py", args[1:] + ["--seed", "0"])
+    elif name == "lambda_sweep.sh" and len(args) >= 2:
+        trainer = {"cifar": "main_cifar.py", "imagenet": "main_imagenet.py"}.get(args[0])
+        problems += main_command_problems(trainer, args[2:]) if trainer else [f"{script}: no trainer {args[0]}"]
+    elif name == "reproduce_imagenet.sh" and args:
+        problems += main_command_problems("main_imagenet.py", args)
+    if name in ("train.sh", "slurm_train.sh") and len(args) >= 2:
         config, data, rest = args[0], args[1], args[2:]
         text = (ROOT / config).read_text(encoding="utf-8") if (ROOT / config).is_file() else ""
         main = "main_coco.py" if re.search(r"^detector\s*=", text, re.M) else "main_imagenet.py"
@@ -522,7 +531,8 @@ def test_every_documented_command_is_valid():
 
 def test_command_check_catches_what_it_is_for(tmp_path):
     """The command checker reports README's former `-e --resume model_best.pth.tar`, cifar.md's former
-    `-seed0` path, an unknown flag, a missing config and a bad arch, and accepts elided commands."""
+    `-seed0` path, an unknown flag, a missing config, a bad arch (given to a trainer or through a launcher)
+    and a missing make target, and accepts elided commands."""
     page = tmp_path / "page.md"
     page.write_text(
         "Text.\n\n"
@@ -534,15 +544,17 @@ def test_command_check_catches_what_it_is_for(tmp_path):
         "python main_cifar.py -a resnet18   # an ImageNet arch\n"
         "python main_imagenet.py DATA -a resnet18 --seed 3 -e \\\n"
         "    --resume checkpoints/imagenet-resnet18-seed3/checkpoint.pth.tar\n"
-        "python main_coco.py DATA --config configs/coco/... --gpu 0,1 ...\n```\n")
+        "python main_coco.py DATA --config configs/coco/... --gpu 0,1 ...\n"
+        "scripts/cifar_seeds.sh \"0 1\" --dataset cifar100 -a resnet50\n```\n")
     found = [(w.split(":")[1], command_problems(argv)) for w, argv in doc_commands(page)]
-    assert [w for w, _ in found] == ["3", "4", "6", "6", "9", "10", "11", "13"]
+    assert [w for w, _ in found] == ["3", "4", "6", "6", "9", "10", "11", "13", "14"]
     problems = [p for _, ps in found for p in ps]
-    assert len([ps for _, ps in found if ps]) == 6, found
+    assert len([ps for _, ps in found if ps]) == 7, found
     assert any("imagenet-resnet50-simam-param0.0001/" in p for p in problems)
     assert any("cifar100-resnet20-simam-param0.0001/" in p for p in problems)
     assert any("--no-such-flag" in p for p in problems) and "no make target nothing" in problems
     assert any("configs/none.toml" in p for p in problems) and any("unknown arch 'resnet18'" in p for p in problems)
+    assert any("unknown arch 'resnet50'" in p for p in problems)  # the flags cifar_seeds.sh hands to main_cifar.py
 
 
 # Documented commands cheap enough to run here, in this process (each a script's main(argv)), with the
