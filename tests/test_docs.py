@@ -442,7 +442,7 @@ def main_command_problems(script, args):
     import main_coco
     import main_imagenet
     from utils import UserError
-    from utils.args import parse_args, run_name
+    from utils.args import given, parse_args, run_name
     from utils.trainer import check_args, effective_param
     module = {"main_imagenet.py": main_imagenet, "main_cifar.py": main_cifar, "main_coco.py": main_coco}[script]
     parser = module.get_args_parser()
@@ -473,7 +473,18 @@ def main_command_problems(script, args):
             not any(PLACEHOLDER.fullmatch(part) for part in Path(resume).parts):
         run = Path(parsed.ckpt) / run_name(task.name, parsed.arch, parsed.attention_type, effective_param(parsed),
                                            parsed.seed)
-        if Path(resume).parent != run:
+        folder = Path(resume).parent
+        if (parsed.evaluate or parsed.save_weights) and not {"arch", "attention_type"} <= given(parsed):
+            # -e / --save_weights read what the command leaves out from the checkpoint: the folder must be
+            # a run folder of this task agreeing with what the command gives
+            wants = [f"-{getattr(parsed, d)}-" for d in ("arch", "attention_type")
+                     if d in given(parsed) and getattr(parsed, d) != "none"]
+            wants += [f"-seed{parsed.seed}-"] if "seed" in given(parsed) else []
+            if folder.parent != Path(parsed.ckpt) or not folder.name.startswith(f"{task.name}-") or \
+                    not all(w in f"{folder.name}-" for w in wants):
+                problems.append(f"--resume {resume}: not a {task.name} run folder of {parsed.ckpt}/ "
+                                f"agreeing with the command")
+        elif folder != run:
             problems.append(f"--resume {resume}: this command's run folder is {run}/")
     return problems
 
@@ -540,6 +551,8 @@ def test_command_check_catches_what_it_is_for(tmp_path):
         "    python main_cifar.py --dataset cifar100 -a resnet20 --attention_type simam --attention_param 1e-4 \\\n"
         "        -e --resume checkpoints/cifar100-resnet20-simam-param0.0001-seed0/model_best.pth.tar\n"
         "    OMP_NUM_THREADS=1 python main_coco.py --no-such-flag && make nothing\n"
+        "    python main_imagenet.py -e --resume checkpoints/imagenet-resnet50-simam-param0.1/model_best.pth.tar\n"
+        "    python main_imagenet.py -a resnet18 -e --resume checkpoints/imagenet-resnet50/model_best.pth.tar\n"
         "\n```\ntorchrun --nproc_per_node=2 main_imagenet.py DATA --config configs/none.toml\n"
         "python main_cifar.py -a resnet18   # an ImageNet arch\n"
         "python main_imagenet.py DATA -a resnet18 --seed 3 -e \\\n"
@@ -547,9 +560,10 @@ def test_command_check_catches_what_it_is_for(tmp_path):
         "python main_coco.py DATA --config configs/coco/... --gpu 0,1 ...\n"
         "scripts/cifar_seeds.sh \"0 1\" --dataset cifar100 -a resnet50\n```\n")
     found = [(w.split(":")[1], command_problems(argv)) for w, argv in doc_commands(page)]
-    assert [w for w, _ in found] == ["3", "4", "6", "6", "9", "10", "11", "13", "14"]
+    assert [w for w, _ in found] == ["3", "4", "6", "6", "7", "8", "11", "12", "13", "15", "16"]
     problems = [p for _, ps in found for p in ps]
-    assert len([ps for _, ps in found if ps]) == 7, found
+    assert len([ps for _, ps in found if ps]) == 8, found
+    assert not found[4][1] and "not a imagenet run folder" in found[5][1][0]  # -e reads the rest from the file
     assert any("imagenet-resnet50-simam-param0.0001/" in p for p in problems)
     assert any("cifar100-resnet20-simam-param0.0001/" in p for p in problems)
     assert any("--no-such-flag" in p for p in problems) and "no make target nothing" in problems
