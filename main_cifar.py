@@ -2,7 +2,8 @@
 
     python main_cifar.py --dataset cifar100 --dataset_dir DIR -a resnet20 --attention_type simam --attention_param 1e-4
     torchrun --nproc_per_node=2 main_cifar.py --dataset cifar10 --dataset_dir DIR -a resnet56   # DDP; -b: total
-    python main_cifar.py --dataset cifar100 --dataset_dir DIR -a resnet20 -e --resume model_best.pth.tar
+    python main_cifar.py --dataset cifar100 --dataset_dir DIR -a resnet20 -e \\
+        --resume checkpoints/cifar100-resnet20/model_best.pth.tar
 
 DIR holds the extracted python archives (cifar-10-batches-py/ or cifar-100-python/); nothing is
 downloaded. The defaults are the reference's recipe (164 epochs, lr 0.1 x0.1 after epochs 81 and

@@ -1,10 +1,10 @@
 """Train or evaluate Faster / Mask R-CNN + FPN on COCO with an attention backbone (SimAM's COCO table).
 
     python main_coco.py                                              # the built-in demo set, CPU-sized
-    python main_coco.py DATA --config configs/coco/faster_rcnn_r50_simam.toml \\
-        --pretrained-backbone imagenet-resnet50-simam-param0.1/model_best.pth.tar
+    python main_coco.py DATA --config configs/coco/faster_rcnn_resnet50_simam.toml \\
+        --pretrained-backbone checkpoints/imagenet-resnet50-simam-param0.1/model_best.pth.tar
     torchrun --nproc_per_node=8 main_coco.py DATA --config ...       # DDP; -b is the total batch
-    python main_coco.py DATA --detector mask_rcnn -e --resume checkpoint.pth.tar
+    python main_coco.py DATA --detector mask_rcnn -e --resume checkpoints/coco-mask_rcnn-resnet50/checkpoint.pth.tar
 
 DATA is COCO 2017's layout (annotations/instances_{train,val}2017.json, train2017/, val2017/).
 Without DATA the demo set (data/coco_demo/, generated on first use) is used, with small images.

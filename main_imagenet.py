@@ -2,7 +2,7 @@
 
     python main_imagenet.py DATA -a resnet50 --attention_type simam --attention_param 0.1
     torchrun --nproc_per_node=4 main_imagenet.py DATA -a resnet50 ...   # DDP, -b is the total batch
-    python main_imagenet.py DATA -a resnet50 -e --resume model_best.pth.tar
+    python main_imagenet.py DATA -a resnet50 -e --resume checkpoints/imagenet-resnet50/model_best.pth.tar
 
 Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
 Docs: docs/imagenet.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
