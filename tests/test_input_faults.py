@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import main_imagenet
-from conftest import TINY, make_tiny_data, seed
+from conftest import TINY, make_tiny_data, run_dir, seed
 from utils import UserError
 from utils.inputs.data import SafeImageFolder, ValTransform, check_image_folder, pil_loader, tensor_loader
 
@@ -19,13 +19,13 @@ def test_an_unreadable_image_named_in_bytes_that_are_not_utf8_keeps_the_epoch(tm
     bad = os.fsencode(data / "train" / "disc") + b"/bad\xff.JPEG"  # 6 readable + 1: -b 7 is one batch of all
     with open(bad, "wb") as f:
         f.write(b"not an image")
+    argv = [data, *TINY, "-b", "7", "-j", "0", "--epochs", "1", "--seed", seed(), "--ckpt", tmp_path / "ck"]
     with pytest.raises(SystemExit) as exc:
-        main_imagenet.main([str(a) for a in [data, *TINY, "-b", "7", "-j", "0", "--epochs", "1", "--seed", seed(),
-                                             "--ckpt", tmp_path / "ck"]])
+        main_imagenet.main([str(a) for a in argv])
         raise SystemExit(0)
     out = capsys.readouterr()
     assert exc.value.code == 0, out.err[-2000:]
-    run = tmp_path / "ck" / f"imagenet-resnet18-seed{seed()}"
+    run = run_dir(argv)
     shown = f"skipped unreadable image: {data / 'train' / 'disc'}/bad\\xff.JPEG"  # the byte, escaped
     log = (run / "log.txt").read_bytes().decode("utf-8")  # valid UTF-8 throughout
     assert shown in log.splitlines() and shown in out.out.splitlines()
