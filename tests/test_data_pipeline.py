@@ -222,7 +222,7 @@ def test_workers_come_from_a_fork_server_where_a_fork_can_hang(tiny_data, monkey
     There the workers are forked by a single-threaded fork server; elsewhere the platform's default stays."""
     import sys
 
-    from utils.lifecycle.preempt import worker_start_method
+    from utils.lifecycle.processes import worker_start_method
     monkeypatch.setattr(sys, "version_info", (*version, "final", 0))
     context = worker_start_method(1)
     assert (context is not None and context.get_start_method() == "forkserver") == forkserver

@@ -31,6 +31,7 @@ from .logger import RunLogger
 from .mixing import batch_mix
 from .optim import ExponentialMovingAverage, make_ema, make_optimizer
 from .lifecycle.preempt import StopFlags
+from .lifecycle.processes import watch_workers
 from .schedule import schedule_from_args
 
 
@@ -350,7 +351,7 @@ def make_loader(task, dataset, job, info, train):
 
 
 def validate(args, task, job, model, loader, desc=None):
-    return task.evaluate(model, loader, job.device, amp_dtype=job.amp_dtype, channels_last=args.channels_last,
+    return task.evaluate(model, watch_workers(loader), job.device, amp_dtype=job.amp_dtype, channels_last=args.channels_last,
                          logger=job.logger, **({"desc": desc} if desc else {}))
 
 
@@ -452,7 +453,8 @@ def train_epochs(args, task, info, job, nets, opt, progress, train_loader, val_l
             first = epoch == progress.start_epoch
             try:
                 skip = progress.start_iter if first else 0  # a mid-epoch checkpoint's batches already done
-                tr = task.train_one_epoch(nets.train_model, train_loader(epoch, skip), opt.criterion, opt.optimizer,
+                batches = watch_workers(train_loader(epoch, skip), None if info.distributed else flags)
+                tr = task.train_one_epoch(nets.train_model, batches, opt.criterion, opt.optimizer,
                                           opt.lr_fn, epoch, device, scaler=opt.scaler, amp_dtype=job.amp_dtype,
                                           channels_last=args.channels_last, print_freq=args.print_freq, logger=logger,
                                           start_iter=skip, sums=progress.sums if first else None,
@@ -464,6 +466,8 @@ def train_epochs(args, task, info, job, nets, opt, progress, train_loader, val_l
                     raise
                 raise UserError(f"-b {args.batch_size}: {job.batch} image(s) per process meet a 1x1 feature map, where "
                                 f"BatchNorm needs more than one value per channel; raise -b or the crop size") from None
+            if tr["interrupted"] and flags.fault and not flags.signum:  # a loader worker died or stopped
+                raise UserError(f"{flags.fault}; stopped {saved_at(epoch, tr['iteration'], len(train_loader), run_dir)}")
             if tr["interrupted"]:
                 raise stopped(flags.signum, epoch, tr["iteration"], len(train_loader), run_dir, logger)
             end_epoch(args, task, info, job, nets, opt, progress, epoch, tr, val_loader)
@@ -611,8 +615,11 @@ def stopped(signum, epoch, iteration, iterations, run_dir, logger):
     """The one line a stop by signal prints, and the exception that exits with 128 + signum."""
     import signal
     name = signal.Signals(signum).name if signum else "a signal"
-    ckpt = run_dir / runfolder.CHECKPOINT
-    where = f"epoch {epoch + 1}, iteration {iteration}/{iterations}" if iteration else f"the end of epoch {epoch}"
-    msg = f"stopped by {name} at {where}: checkpoint saved; continue with --resume {ckpt}"
+    msg = f"stopped by {name} {saved_at(epoch, iteration, iterations, run_dir)}"
     logger.info(msg)
     return Preempted(signum or 15, msg)
+
+
+def saved_at(epoch, iteration, iterations, run_dir):
+    where = f"epoch {epoch + 1}, iteration {iteration}/{iterations}" if iteration else f"the end of epoch {epoch}"
+    return f"at {where}: checkpoint saved; continue with --resume {run_dir / runfolder.CHECKPOINT}"
