@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, descendants, make_tiny_data, run_cli, seed, started, still_running
 
 RUN = f"imagenet-resnet18-seed{seed(2)}"
 
@@ -45,12 +45,22 @@ def read_until(proc, marker, timeout=300):
 
 
 def finish(proc, timeout=300):
+    """The output once the command returned; every process of its group (ranks, fork servers, loader
+    workers, multiprocessing's resource tracker) must have ended within 10 s of it."""
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return out, err
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return out, err
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"a process of the run outlived it\n{err[-3000:]}")
 
 
 def ranks_of(pid):
@@ -68,11 +78,12 @@ def rows(run_dir):
 
 
 def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_exactly(data, tmp_path):
-    """Two --nproc 2 runs at the same time (each picks its own free port). SIGTERM to one launcher
-    reaches both of its ranks, which save mid-epoch and stop (exit 143); the resume ends with the
-    uninterrupted run's weights and figures."""
+    """Two --nproc 2 runs at the same time (each picks its own free port). SIGTERM to one launcher (-j 2)
+    reaches both of its ranks, which save mid-epoch and stop: the command returns 143 and leaves no
+    process (ranks, their fork servers and workers); the resume ends with the uninterrupted run's
+    weights and figures."""
     whole = start(cmd(data, tmp_path / "whole"))
-    stopped = start(cmd(data, tmp_path / "stopped"))
+    stopped = start(cmd(data, tmp_path / "stopped", "-j", "2"))  # with loader workers (each rank's fork server)
     read_until(stopped, "Epoch: [2][1/6]")
     os.kill(stopped.pid, signal.SIGTERM)  # the launcher alone, as a scheduler or `kill` would
     out, err = finish(stopped)
@@ -93,9 +104,10 @@ def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_ex
 
 
 def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path):
-    """A terminal's Ctrl-C goes to the whole foreground group, launcher and ranks: the ranks stop at
-    one iteration as on SIGTERM, rank 0 saves, and the command exits 130."""
-    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    """A terminal's Ctrl-C goes to the whole foreground group, launcher, ranks and loader workers (-j 2):
+    the ranks stop at one iteration as on SIGTERM, rank 0 saves, and the command exits 130, leaving no
+    process."""
+    proc = start(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
     read_until(proc, "Epoch: [1][1/6]")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = finish(proc)
@@ -106,11 +118,16 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path)
 
 
 def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
-    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    """A rank killed by SIGKILL (the OOM killer): one line, exit 1, and its own fork server and loader
+    workers (-j 2), which no exit handler of the dead rank can end, end too."""
+    proc = start(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
     read_until(proc, "Epoch: [1][1/6]")
     ranks = ranks_of(proc.pid)
     assert len(ranks) == 2
-    os.kill(ranks[-1], signal.SIGKILL)  # as the kernel's OOM killer would
+    below = {p: started(p) for p in descendants(ranks[-1])[1:]}
+    assert len(below) >= 2, below  # its fork server and its loader worker (-j 2 over 2 ranks: one each)
+    os.kill(ranks[-1], signal.SIGKILL)
+    assert still_running(below) == {}
     out, err = finish(proc)
     assert proc.returncode == 1, (out[-2000:], err[-3000:])
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -118,6 +135,22 @@ def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
     assert lines[0].startswith("error: rank ") and "ended (killed by SIGKILL); the other ranks were stopped" in lines[0]
     for pid in ranks:  # none left behind
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_an_error_in_the_ranks_with_loader_workers_is_one_line(data, tmp_path):
+    """A UserError inside both ranks while their loader workers run (every training image unreadable:
+    the workers raise "16 unreadable images in a row"): the command returns 1 with that one line and
+    leaves no process."""
+    import shutil
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    for f in (broken / "train").rglob("*.*"):
+        f.write_bytes(b"not an image")
+    proc = start(cmd(broken, tmp_path / "ck", "--epochs", "1", "-j", "2"))
+    out, err = finish(proc)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, (out[-2000:], err[-3000:])
+    assert lines[0].startswith("error: ") and "unreadable images in a row" in lines[0], lines
 
 
 def test_nproc_is_refused_under_torchrun_and_checked(monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import UserError
-from .preempt import deferred_signals
+from .processes import deferred_signals
 
 
 def save_atomic(obj, path):

@@ -4,12 +4,11 @@ save timer, turned into decisions every rank takes at the same iteration boundar
 The handler only sets a flag. The training loop asks `poll(done)` after every step; under DDP the
 ranks compare flags every `agree_every` steps (one tiny all-reduce, where the loop already syncs
 for its progress line), so they stop or save at the same iteration. Saving blocks these signals and
-SIGINT (`deferred_signals`), so a checkpoint is never left half-written by our own handlers or Ctrl-C.
+SIGINT (`processes.deferred_signals`), so a checkpoint is never left half-written by our own handlers or Ctrl-C.
 """
 import signal
 import threading
 import time
-from contextlib import contextmanager
 
 from ..distributed import all_reduce_sum
 from .processes import STOP_SIGNALS
@@ -59,36 +58,3 @@ class StopFlags:
         if sig and not self.signum:
             self.signum = int(sig) if int(sig) in map(int, STOP_SIGNALS) else int(signal.SIGTERM)
         return bool(sig), bool(save)
-
-
-@contextmanager
-def deferred_signals():
-    """Hold SIGINT/SIGTERM/SIGUSR1 until the block ends (a save): they are delivered right after.
-
-    Done with Python handlers that only record the signal, not with a thread signal mask: a signal
-    sent to the process may be taken by any thread (torch and loader threads included), and only
-    Python-level handlers are sure to run in the main thread, after the C call in progress.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = {}
-    for s in (signal.SIGINT, *STOP_SIGNALS):
-        old = signal.getsignal(s)
-        if old is None or old == signal.SIG_IGN:  # set outside Python, or ignored: leave it alone
-            continue
-        previous[s] = old
-        signal.signal(s, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-        for s in dict.fromkeys(caught):
-            # A Python handler is called here, so its KeyboardInterrupt is raised at this line: a
-            # re-raised signal's handler may run later inside a finalizer, whose exception is dropped.
-            if callable(previous[s]):
-                previous[s](s, None)
-            else:
-                signal.raise_signal(s)

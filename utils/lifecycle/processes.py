@@ -7,8 +7,42 @@ import atexit
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's preemption warning and time limit, scancel
+
+
+@contextmanager
+def deferred_signals():
+    """Hold SIGINT/SIGTERM/SIGUSR1 until the block ends (a save): they are delivered right after.
+
+    Done with Python handlers that only record the signal, not with a thread signal mask: a signal
+    sent to the process may be taken by any thread (torch and loader threads included), and only
+    Python-level handlers are sure to run in the main thread, after the C call in progress.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {}
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        old = signal.getsignal(s)
+        if old is None or old == signal.SIG_IGN:  # set outside Python, or ignored: leave it alone
+            continue
+        previous[s] = old
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+        for s in dict.fromkeys(caught):
+            # A Python handler is called here, so its KeyboardInterrupt is raised at this line: a
+            # re-raised signal's handler may run later inside a finalizer, whose exception is dropped.
+            if callable(previous[s]):
+                previous[s](s, None)
+            else:
+                signal.raise_signal(s)
 
 
 # CPython releases whose fork can hang the child (gh-112275, below): (major, minor) -> first fixed micro.
@@ -58,9 +92,10 @@ def start_fork_server():
     preloads importing) stays pending until utils.lifecycle.fork_server ignores it, instead of killing it.
     Here the signals are only held: the process's other threads take them meanwhile, or they wait for
     the unblock; none is lost. The server's parent is this thread (its PR_SET_PDEATHSIG, fork_server)."""
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
     if threading.current_thread() is not threading.main_thread():
         return
+    resource_tracker.ensure_running()  # first: starting it unblocks SIGINT and SIGTERM when done
     held = {signal.SIGINT, *STOP_SIGNALS}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
@@ -173,7 +208,7 @@ class watch_workers:
 
     def __init__(self, loader, flags=None):
         self.loader, self.flags = loader, flags
-        self.waiting_since = self.reason = None
+        self.waiting_since = self.reason = self.it = None
 
     def __len__(self):
         return len(self.loader)
@@ -187,50 +222,80 @@ class watch_workers:
         if not isinstance(loader, DataLoader) or not loader.num_workers:
             yield from loader
             return
-        loader.timeout = POLL_SECONDS  # read when the loader makes its iterator (persistent: once)
-        it = iter(loader)
-        if threading.current_thread() is threading.main_thread():
-            # torch's SIGCHLD handler raises a worker's death wherever the main thread is (mid-step,
-            # mid-save); here it is found where the batch is awaited, between two steps.
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         done = threading.Event()
-        threading.Thread(target=self._end_stopped_workers, args=(it, done), daemon=True).start()
+        threading.Thread(target=self._end_stopped_workers, args=(done,), daemon=True).start()
         try:
+            self.waiting_since = time.monotonic()
+            try:
+                # A persistent loader's workers acknowledge the new epoch here: torch's own wait (it
+                # finds a dead worker), the thread above a stopped one. A Ctrl-C while workers start
+                # would leave one half started, and its traceback: held until they have.
+                with deferred_signals():
+                    self.it = iter(loader)
+            except (RuntimeError, ConnectionError, EOFError) as e:
+                yield from self._stop(e, check=True)
+                return
+            self.it._timeout = POLL_SECONDS  # the iterator's batch wait (DataLoader's timeout) from now on
+            if threading.current_thread() is threading.main_thread():
+                # torch's SIGCHLD handler raises a worker's death wherever the main thread is (mid-step,
+                # mid-save); here it is found where the batch is awaited, between two steps.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             while True:
                 self.waiting_since = time.monotonic()
-                while True:
-                    try:
-                        batch = next(it)
-                        break
-                    except StopIteration:
-                        return
-                    except (RuntimeError, ConnectionError, EOFError) as e:
-                        # torch's own words for a dead worker or a wait that timed out; or a batch whose
-                        # shared memory its worker, ended meanwhile, could not hand over
-                        if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader") or (
-                                not isinstance(e, RuntimeError) and not self.reason and not _one_ended(it)):
-                            raise
-                        problem = self._problem(it, str(e), time.monotonic() - self.waiting_since)
-                        if problem is None:
-                            continue
-                        from .. import UserError
-                        if self.flags is None:
-                            raise UserError(f"{problem}; the run folder keeps its last checkpoint") from None
-                        if not self.flags.signum:
-                            self.flags.fault = problem
-                        yield LoaderCut(UserError(f"{problem}; the run folder keeps its last checkpoint"))
-                        return
+                try:
+                    batch = next(self.it)
+                except StopIteration:
+                    return
+                except (RuntimeError, ConnectionError, EOFError) as e:
+                    problem = self._stop(e)
+                    if problem is None:
+                        continue
+                    yield from problem
+                    return
                 self.waiting_since = None
                 yield batch
         finally:
             self.waiting_since = None
             done.set()
 
-    def _problem(self, it, error, waited):
+    def _stop(self, e, check=False):
+        """The LoaderCut to yield (or the UserError to raise) for exception `e` of the loader, or None to
+        wait on. torch's own words for a dead worker or a wait that timed out; or a batch whose shared
+        memory its worker, ended meanwhile, could not hand over."""
+        from .. import UserError
+        if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader") or (
+                not isinstance(e, RuntimeError) and not self.reason and not self._one_ended()):
+            raise e
+        problem = self._problem(str(e), time.monotonic() - self.waiting_since)
+        if problem is None:
+            if check:
+                raise e
+            return None
+        error = UserError(f"{problem}; the run folder keeps its last checkpoint")
+        if self.flags is None:
+            raise error from None
+        if not self.flags.signum:
+            self.flags.fault = problem
+        return iter([LoaderCut(error)])
+
+    def _workers(self):
+        it = self.it or getattr(self.loader, "_iterator", None)
+        return list(getattr(it, "_workers", []))
+
+    def _one_ended(self, wait=2.0):
+        """Whether a worker has ended (within `wait` seconds: one just killed may not be reaped yet)."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if any(not w.is_alive() for w in self._workers()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _problem(self, error, waited):
         """Why the wait must end, or None to wait on."""
         if self.reason:
             return self.reason
-        workers = list(getattr(it, "_workers", []))
+        workers = self._workers()
         dead = [w for w in workers if w.exitcode is not None]
         if dead or "timed out" not in error:
             w = dead[0] if dead else None
@@ -243,7 +308,7 @@ class watch_workers:
             return f"the loader workers gave no batch for {waited / 60:.0f} minutes (hung?)"
         return None
 
-    def _end_stopped_workers(self, it, done):
+    def _end_stopped_workers(self, done):
         """A thread: a worker stopped (SIGSTOP) while a batch is awaited for STOPPED_GRACE_SECONDS is
         ended (SIGKILL), so the wait ends (the main thread may be blocked without a timeout, receiving a
         batch's shared memory from that very worker) and the run stops with the reason."""
@@ -252,22 +317,11 @@ class watch_workers:
             since = self.waiting_since
             if since is None or time.monotonic() - since < STOPPED_GRACE_SECONDS:
                 continue
-            for w in list(getattr(it, "_workers", [])):
-                if w.exitcode is None and _state(w.pid) == "T":
+            for w in self._workers():
+                if _state(w.pid) == "T":  # (not w.exitcode: the main thread may be reading that status)
                     self.reason = (f"loader worker (pid {w.pid}) was stopped (SIGSTOP?) and gave no batch for "
                                    f"{time.monotonic() - since:.0f} s; it was ended")
                     os.kill(w.pid, signal.SIGKILL)
-
-
-def _one_ended(it, wait=2.0):
-    """Whether a worker of the DataLoader iterator `it` has ended (within `wait` seconds: a worker just
-    killed may not be reaped yet)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if any(not w.is_alive() for w in getattr(it, "_workers", [])):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _state(pid):
