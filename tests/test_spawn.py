@@ -160,7 +160,8 @@ def test_nproc_is_refused_under_torchrun_and_checked(monkeypatch):
         processes_to_start(0, [])
     assert processes_to_start(None, []) == processes_to_start(None, None) == 1
     assert processes_to_start(3, []) == 3  # --gpu -1: gloo ranks on the CPU
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k, v in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # torchrun's
+        monkeypatch.setenv(k, v)
     with pytest.raises(UserError, match="torchrun started this process as one of 2"):
         processes_to_start(2, [])
 
@@ -202,5 +203,6 @@ def test_the_references_gpu_list_starts_one_rank_per_gpu(monkeypatch):
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
         assert init_distributed([2, 3]).device == torch.device("cuda", want)
     assert chosen == [torch.device("cuda", 2), torch.device("cuda", 3)]
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    for k, v in dict(RANK="0", WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # torchrun's
+        monkeypatch.setenv(k, v)
     assert processes_to_start(None, [0, 1, 2, 3]) == 1

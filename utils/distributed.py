@@ -60,12 +60,10 @@ def launcher_env(rendezvous=True):
     rendezvous: also MASTER_ADDR / MASTER_PORT for more than one process (env://; spawn gives a store)."""
     from . import UserError
     given = {k: os.environ[k] for k in LAUNCH_VARS if k in os.environ}
-    if not given:
-        return {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1}
     shown = " ".join(f"{k}={v}" for k, v in given.items())
     hint = f"unset {' '.join(given)} to run one process, or start the command with torchrun"
-    for k in ("RANK", "WORLD_SIZE"):
-        if k not in given:
+    for k in ("RANK", "WORLD_SIZE"):  # LOCAL_RANK alone only picks this process's GPU
+        if k not in given and ("RANK" in given or "WORLD_SIZE" in given):
             raise UserError(f"the environment has {shown} but no {k} (left over from torchrun?): {hint}")
     try:
         env = {k: int(given.get(k, default)) for k, default in
@@ -73,7 +71,7 @@ def launcher_env(rendezvous=True):
     except ValueError:
         raise UserError(f"the environment's {shown} are not all integers: {hint}") from None
     if not (env["WORLD_SIZE"] >= 1 and 0 <= env["RANK"] < env["WORLD_SIZE"]
-            and 0 <= env["LOCAL_RANK"] < max(1, env["LOCAL_WORLD_SIZE"])):
+            and 0 <= env["LOCAL_RANK"] and ("LOCAL_WORLD_SIZE" not in given or env["LOCAL_RANK"] < env["LOCAL_WORLD_SIZE"])):
         raise UserError(f"the environment's {shown} name no rank of a process group: {hint}")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if rendezvous and env["WORLD_SIZE"] > 1 and missing:
