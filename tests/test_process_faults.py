@@ -174,15 +174,19 @@ def test_a_signal_to_the_fork_server_as_it_starts_leaves_it_serving(tiny_data, m
     ({"RANK": "0", "WORLD_SIZE": "2"}, "but no MASTER_ADDR or MASTER_PORT"),
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "name no rank of a process group"),
     ({"RANK": "one", "WORLD_SIZE": "2"}, "are not all integers")])
-def test_a_torchrun_environment_left_half_set_is_one_line(data, tmp_path, env, says):
+def test_a_torchrun_environment_left_half_set_is_one_line(data, tmp_path, env, says, monkeypatch, capsys):
     """RANK or WORLD_SIZE without the rest (a shell opened inside a torchrun job): one line naming them,
     before anything runs (RANK=1 alone used to run silently as a rank that writes nothing)."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                               "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(argv(data, tmp_path, "-j", "0"), cwd=ROOT, env={**clean, **env, "OMP_NUM_THREADS": THREADS},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and len(errors(proc.stderr)) == 1, proc.stderr[-3000:]
-    assert says in proc.stderr and "start the command with torchrun" in proc.stderr, proc.stderr
+    import main_imagenet
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        main_imagenet.main(argv(data, tmp_path, "-j", "0")[2:])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(errors(err)) == 1, err[-3000:]
+    assert says in err and "start the command with torchrun" in err, err
     assert not (tmp_path / RUN).exists()
 
 

@@ -230,6 +230,8 @@ class watch_workers:
                 # A persistent loader's workers acknowledge the new epoch here: torch's own wait (it
                 # finds a dead worker), the thread above a stopped one. A Ctrl-C while workers start
                 # would leave one half started, and its traceback: held until they have.
+                if getattr(loader, "_iterator", None) is not None:
+                    loader._iterator._timeout = 0  # torch's wait without end (set below for the batches)
                 with deferred_signals():
                     self.it = iter(loader)
             except (RuntimeError, ConnectionError, EOFError) as e:
