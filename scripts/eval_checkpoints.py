@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net  # noqa: E402
 from utils import UserError, error_line  # noqa: E402
-from utils.args import parse_gpu_ids  # noqa: E402
+from utils.args import check_number, parse_gpu_ids  # noqa: E402
 from utils.lifecycle.checkpoint import load_checkpoint, load_model_weights, model_state  # noqa: E402
 from utils.inputs.data import EpochLoader, SafeImageFolder, check_image_folder, collate_skipping, imagenet_transforms  # noqa: E402
 from utils.engine import evaluate  # noqa: E402
@@ -68,6 +68,11 @@ def main(argv=None):
     p.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     args = p.parse_args(argv)
     try:
+        check_number("-b", args.batch_size, 1)
+        check_number("-j", args.workers, 0)
+        check_number("--val-resize-size", args.val_resize_size, 1)
+        check_number("--val-crop-size", args.val_crop_size, 1)
+        check_number("--attention_param", args.attention_param, 0, low_open=True)  # the module checks the rest
         data = Path(args.data)
         val_dir = data / "val" if (data / "val").is_dir() else data
         classes = check_image_folder(val_dir)
