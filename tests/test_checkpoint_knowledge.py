@@ -11,7 +11,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, reference_layouts, seed
+from conftest import ROOT, THREADS, assert_same_weights, make_tiny_data, reference_layouts, seed
 from test_recipes_optim import main_in_process, stop_inside_epoch_2
 
 from networks import create_net
@@ -46,15 +46,22 @@ def test_pretrained_loads_everything_but_a_classifier_of_another_class_count(rel
 
 
 FT = ["-a", "resnet18", "--attention_type", "simam", "--train-crop-size", "32", "--val-resize-size", "36",
-      "--val-crop-size", "32", "-p", "1", "-b", "4", "--epochs", "2", "--seed", str(seed(0))]
+      "--val-crop-size", "32", "-p", "1", "-b", "3", "--epochs", "2", "--seed", str(seed(0))]
 
 
-def test_finetune_from_1000_classes_resumes_bit_exactly(released, tiny_data, tmp_path, capsys, one_thread):
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """18 training images: 6 batches of 3 an epoch (a SIGTERM after the fourth of epoch 2), 3 to validate."""
+    return make_tiny_data(tmp_path_factory.mktemp("small") / "data", train_per_class=6, val_per_class=1)
+
+
+def test_finetune_from_1000_classes_resumes_bit_exactly(released, small_data, tmp_path, capsys, one_thread):
     """--pretrained from the 1000-class released layout onto the 3-class data: the classifier is left out in
     one line; stopped by SIGTERM inside epoch 2 and resumed, the run ends with the weights of the run that was
     not stopped. The stopped checkpoint records the class names: a renamed class folder is refused at resume
     and at -e, and so is a resume with another -b inside the epoch."""
     path, _ = released
+    tiny_data = small_data
     done, cut = tmp_path / "done", tmp_path / "cut"
     code, out, err = main_in_process([tiny_data, *FT, "-j", "0", "--ckpt", done, "--pretrained", path], capsys)
     assert code == 0, err[-3000:]
@@ -74,7 +81,7 @@ def test_finetune_from_1000_classes_resumes_bit_exactly(released, tiny_data, tmp
     b8 = [*FT[:FT.index("-b")], "-b", "8", *FT[FT.index("-b") + 2:]]
     code, _, err = main_in_process([tiny_data, *b8, "-j", "0", "--ckpt", cut, "--resume", ck], capsys)
     assert code == 1 and err.strip().splitlines() == [
-        f"error: {ck} was saved inside epoch 2 (iteration {mid['iteration']}) with -b 4: resume with -b 4 (another "
+        f"error: {ck} was saved inside epoch 2 (iteration {mid['iteration']}) with -b 3: resume with -b 3 (another "
         f"-b would train some of that epoch's images twice and others never)"]
 
     renamed = tmp_path / "renamed"
