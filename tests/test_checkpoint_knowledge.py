@@ -186,3 +186,29 @@ def test_torchrun_failure_ends_in_the_ranks_one_line(tmp_path):
                            "--nproc_per_node=1", str(rank)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == ["error: something the trainer says"], proc.stderr
+
+
+def test_gradcam_takes_sizes_names_and_lambda_from_the_checkpoint(tmp_path, capsys):
+    """scripts/gradcam.py: the run's validation sizes and class names from the checkpoint; a given lambda or
+    crop that differs from the record is said in one line and used."""
+    import importlib.util
+    from PIL import Image
+    from utils.reporting.models import load_model
+    spec = importlib.util.spec_from_file_location("gradcam", ROOT / "scripts" / "gradcam.py")
+    gradcam = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gradcam)
+    names = ["disc", "h_stripes", "v_stripes"]
+    path = tmp_path / "model_best.pth.tar"  # no args.json beside it: the checkpoint's own record
+    torch.save({"epoch": 2, "arch": "resnet18", "attention_type": "simam", "attention_param": 0.1, "classes": names,
+                "state_dict": create_net("resnet18", "simam", 0.1, num_classes=3).state_dict(),
+                "args": {"val_resize_size": 36, "val_crop_size": 32, "data": str(tmp_path / "gone")}}, path)
+    _, info = load_model(path)
+    assert info["attention_param"] == 0.1 and gradcam.class_names(info) == names
+    image = Image.new("RGB", (50, 40))
+    assert gradcam.preprocess(info)[0](image).size == (32, 32)
+    assert capsys.readouterr().err == ""
+    assert gradcam.preprocess(info, crop=28)[0](image).size == (28, 28)
+    assert capsys.readouterr().err.strip() == f"note: {path}: --crop 28 given; its run was validated with 32"
+    _, info = load_model(path, attention_param=0.5)
+    assert info["attention_param"] == 0.5
+    assert capsys.readouterr().err.strip() == f"note: {path}: --attention_param 0.5 given; it was trained with 0.1"

@@ -175,7 +175,8 @@ def fill_from_checkpoint(args, say=print):
     """-e / --save_weights: every EVAL_SETTINGS flag the command line did not give comes from what the
     --resume checkpoint (or its run folder's args.json) records; a given one that differs is said in one
     line. A checkpoint that records nothing (the reference's) leaves the flags as they are."""
-    rec = recorded_settings(load_checkpoint(args.resume), args.resume)
+    # Its small fields only (mmap); one that cannot be read is refused later, after the cheaper checks.
+    rec = recorded_settings(runfolder.peek(args.resume), args.resume)
     told = given(args)
     for key in EVAL_SETTINGS:
         if key not in rec or not hasattr(args, key) or rec[key] is None and key != "attention_param":
