@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from networks import ATTENTION_CHOICES, IMAGENET_ARCHS, create_net  # noqa: E402
 from utils import UserError, error_line  # noqa: E402
-from utils.args import given, parse_args, parse_gpu_ids  # noqa: E402
+from utils.args import check_number, given, parse_args, parse_gpu_ids  # noqa: E402
 from utils.lifecycle.checkpoint import (check_class_names, load_checkpoint, load_model_weights, model_state,  # noqa: E402
                                         recorded_settings)
 from utils.inputs.data import (BACKENDS, EpochLoader, SafeImageFolder, check_image_folder, collate_skipping,  # noqa: E402
@@ -124,6 +124,11 @@ def main(argv=None):
     p.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     try:
         args = parse_args(p, argv)
+        check_number("-b", args.batch_size, 1)
+        check_number("-j", args.workers, 0)
+        check_number("--val-resize-size", args.val_resize_size, 1)
+        check_number("--val-crop-size", args.val_crop_size, 1)
+        check_number("--attention_param", args.attention_param, 0, low_open=True)  # the module checks the rest
         ids = parse_gpu_ids(args.gpu)
         device = torch.device("cuda", (ids or [0])[0]) if torch.cuda.is_available() and ids != [] else torch.device("cpu")
         paths = [checkpoint_file(c) for c in args.checkpoints]

@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
+from utils.args import check_number  # noqa: E402
 from utils.reporting.models import load_model  # noqa: E402
 from utils.reporting.runs import ARCH_LABEL, attention_label  # noqa: E402
 
@@ -291,8 +292,10 @@ def main(argv=None):
     p.add_argument("--dpi", type=int, default=100, help="resolution of the written image (default: 100)")
     args = p.parse_args(argv)
     try:
-        if args.max_images < 1:
-            raise UserError(f"--max-images must be at least 1, got {args.max_images}")
+        for flag, v in (("--max-images", args.max_images), ("--resize", args.resize), ("--crop", args.crop),
+                        ("--dpi", args.dpi)):
+            check_number(flag, v, 1)
+        check_number("--attention_param", args.attention_param, 0, low_open=True)  # the module checks the rest
         with torch.no_grad():  # gradcam() turns it on where it needs it
             models = [load_model(c, args.arch, args.attention_type, args.attention_param) for c in args.checkpoints]
             labels = read_labels(args.labels) if args.labels else None

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import Preempted, UserError
 from .lifecycle import runfolder
-from .args import check_recipe_args, given, parse_gpu_ids, run_name
+from .args import SEED_MAX, check_number, check_recipe_args, given, parse_gpu_ids, run_name
 from .lifecycle.checkpoint import (best_acc, check_class_names, check_identity, load_checkpoint, load_model_weights,
                                    load_pretrained_weights, model_state, recorded_settings, rng_state, save_atomic,
                                    set_rng_state)
@@ -109,19 +109,17 @@ def check_args(args, task):
         if not args.resume and not Path(args.pretrained).is_file():  # a resume takes the weights from --resume
             raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
     for flag, v in (("--epochs", args.epochs), ("-b", args.batch_size), ("-p", args.print_freq)):
-        if v < 1:
-            raise UserError(f"{flag} must be at least 1, got {v}")
-    for flag, v in (("-j", args.workers), ("--lr", args.lr), ("--momentum", args.momentum),
-                    ("--wd", args.weight_decay), ("--warmup-epochs", args.warmup_epochs)):
-        if not (math.isfinite(v) and v >= 0):
-            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
-    if not 0 <= args.label_smoothing < 1:
-        raise UserError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.save_every_minutes is not None and not args.save_every_minutes > 0:
-        raise UserError(f"--save-every-minutes must be > 0, got {args.save_every_minutes}")
+        check_number(flag, v, 1)
+    for flag, v in (("-j", args.workers), ("--lr", args.lr), ("--wd", args.weight_decay),
+                    ("--warmup-epochs", args.warmup_epochs)):
+        check_number(flag, v, 0)
+    check_number("--momentum", args.momentum, 0, 1, high_open=True)  # 1 never forgets a gradient: diverges
+    check_number("--label-smoothing", args.label_smoothing, 0, 1, high_open=True)
+    check_number("--save-every-minutes", args.save_every_minutes, 0, low_open=True)
+    check_number("--seed", args.seed, 0, SEED_MAX)
+    check_number("--nproc", getattr(args, "nproc", None), 1)
     for flag in ("train_crop_size", "val_resize_size", "val_crop_size"):
-        if getattr(args, flag, 1) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        check_number(f"--{flag.replace('_', '-')}", getattr(args, flag, None), 1)
     check_recipe_args(args)
 
 
@@ -251,6 +249,8 @@ def run(args, task):
     gpu_ids = parse_gpu_ids(args.gpu)
     check_device(args, gpu_ids)
     nproc = processes_to_start(getattr(args, "nproc", None), gpu_ids)
+    if args.batch_size % nproc:  # before any process starts (set_up checks each torchrun rank again)
+        raise UserError(f"-b {args.batch_size} (the total batch) is not divisible by {nproc} processes")
     if nproc > 1:  # --nproc N / --gpu 0,1,2,3 without torchrun: this command starts the ranks itself
         return spawn(nproc, run_rank, args, task, gpu_ids)
     return run_rank(args, task, gpu_ids)
@@ -665,6 +665,8 @@ def ema_from(args, model, ckpt, world_size, per_rank_batch, device, logger):
 def choose_seed(args, ckpt, device, info):
     """--seed, else the seed the resumed run used, else a fresh one; the same on every rank."""
     recorded = ckpt.get("seed") if isinstance(ckpt, dict) else None
+    if recorded is not None:  # an older version took any integer: the samplers failed at the next epoch
+        check_number(f"the seed recorded in {args.resume}", int(recorded), 0, SEED_MAX)
     if args.seed is not None:
         if recorded is not None and int(recorded) != args.seed:
             raise UserError(f"--seed {args.seed}, but {args.resume} was trained with seed {recorded}: "

@@ -66,7 +66,10 @@ def identify(ckpt, path, arch=None, attention_type=None, attention_param=None, a
         param = SIMAM_LAMBDA[MODELS[found_arch][1]]
         print(f"note: {path} does not record SimAM's lambda; using {param} (override: --attention_param)",
               file=sys.stderr)
-    param = resolve_param(att, param)
+    try:
+        param = resolve_param(att, param)
+    except ValueError as e:  # a given --attention_param the module cannot take
+        raise UserError(f"{path}: --attention_param: {e}") from None
     check_identity(ckpt, path, found_arch if arch is None else arch,
                    att if attention_type is None else attention_type, param, check_param=False)
     return found_arch, att, param
