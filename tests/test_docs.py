@@ -465,6 +465,8 @@ def main_command_problems(script, args):
     task = module.TASK if script == "main_imagenet.py" else module.make_task(parsed)
     resume, problems = parsed.resume, []
     parsed.resume = __file__ if resume else ""  # a file that exists: whether it will is checked below
+    if getattr(parsed, "pretrained", None):  # the reader's own weights file, as --resume's
+        parsed.pretrained = __file__
     try:
         check_args(parsed, task)
     except UserError as e:
