@@ -15,11 +15,12 @@ utils/detection_engine.py. Docs: docs/coco.md.
 import argparse
 import functools
 import os
+from pathlib import Path
 
 from networks import ATTENTION_CHOICES, DETECTORS, create_detector, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import check_number, parse_args, set_help
+from utils.args import check_number, given, parse_args, set_help
 from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, collate_detection, ensure_coco_demo, metrics_line
 from utils.detection_engine import evaluate, load_pretrained_backbone, train_one_epoch
 from utils.logger import RunLogger
@@ -211,11 +212,57 @@ def make_task(args):
                 profile=functools.partial(profile, args=args))
 
 
+IMAGENET_CLASSES = 1000  # what a config's default backbone (one of our ImageNet runs) must classify
+
+
+def check_config_backbone(args):
+    """A config's default backbone (configs/coco/*.toml: our ImageNet run of the same arch and attention)
+    is used only when it is what the config means: a finished run of that arch, attention and parameter,
+    on ImageNet's 1000 classes. Anything else (a demo run, a run still training, another model) is one line."""
+    from utils.lifecycle import runfolder
+    from utils.lifecycle.checkpoint import model_state
+    from utils.trainer import effective_param, num_classes_of
+    path = Path(args.pretrained_backbone)
+    found = []
+    ck = runfolder.peek(path) if path.is_file() else None
+    if not path.is_file():
+        found.append("not there")
+    elif ck is None:
+        found.append("not a checkpoint")
+    else:
+        want = {"arch": args.arch, "attention_type": args.attention_type, "attention_param": effective_param(args)}
+        for key, value in want.items():
+            have = ck.get(key)
+            if have != value and not (key == "attention_param" and have is not None and value is not None
+                                      and float(have) == float(value)):
+                found.append(f"{key}={have!r} (the config has {value!r})")
+        try:
+            n = num_classes_of(model_state(ck))
+        except UserError:
+            n = None
+        if n != IMAGENET_CLASSES:
+            found.append(f"a {n}-class model (ImageNet's has {IMAGENET_CLASSES})")
+        own = runfolder.peek(path.parent / runfolder.CHECKPOINT) if (path.parent / runfolder.CHECKPOINT).is_file() else None
+        epochs = (own.get("args") or {}).get("epochs") if own else None
+        if own is None or epochs is None:
+            found.append(f"not in a run folder with its {runfolder.CHECKPOINT}")
+        elif runfolder.progress(own) < (epochs, 0):
+            found.append(f"from an unfinished run (at {runfolder.describe(runfolder.progress(own), epochs)})")
+    if found:
+        att = "" if args.attention_type == "none" else f" + {args.attention_type}"
+        raise UserError(f"the config's ImageNet backbone {path} is {'; '.join(found)}: pass --pretrained-backbone "
+                        f"PATH (a finished ImageNet {args.arch}{att} checkpoint), or --pretrained-backbone '' "
+                        f"to train from scratch")
+
+
 def main(argv=None):
     def go():
         args = parse_args(get_args_parser(), argv, resolve=resolve_defaults)
-        if args.pretrained_backbone and not args.resume and not os.path.isfile(args.pretrained_backbone):
-            raise UserError(f"--pretrained-backbone checkpoint not found: {args.pretrained_backbone}")
+        if args.pretrained_backbone and not args.resume:
+            if "pretrained_backbone" not in given(args):  # the config's default: only when it is what it means
+                check_config_backbone(args)
+            elif not os.path.isfile(args.pretrained_backbone):
+                raise UserError(f"--pretrained-backbone checkpoint not found: {args.pretrained_backbone}")
         return run(args, make_task(args))
     return cli_main(go)
 

@@ -13,8 +13,10 @@ A checkpoint is a .pth.tar file or a run folder, ours or the reference's (utils.
 arch, attention and lambda as scripts/eval_checkpoints.py does). Preprocessing follows the model:
 ImageNet archs Resize + CenterCrop (the run's --val-resize-size / --val-crop-size when its args.json
 is there, else 256 / 224) with ImageNet mean/std; CIFAR archs a centre square scaled to 32x32 with
-CIFAR mean/std. Class names: --labels FILE (one per line), else the run's data folder (ImageFolder
-class folders or the CIFAR archive's names) when args.json records one that still exists, else indices.
+CIFAR mean/std. Arch, attention, its parameter and the sizes are the checkpoint's record unless given
+(a given value that differs is said). Class names: --labels FILE (one per line), else the names the
+checkpoint records, else the run's data folder (ImageFolder class folders or the CIFAR archive's
+names) when args.json records one that still exists, else indices.
 Layer: the last block of the last stage (e.g. layer4.1 of a ResNet-18), or --layer NAME
 (any name of model.named_modules() whose output is a feature map).
 Grad-CAM itself is torchcam's (torchcam.methods.GradCAM); see docs/figures.md for why that library.
@@ -112,6 +114,9 @@ def preprocess(info, resize=None, crop=None):
     else:
         from utils.inputs.data import IMAGENET_MEAN as mean, IMAGENET_STD as std
         a = info["args"] or {}
+        for flag, mine, theirs in (("--resize", resize, a.get("val_resize_size")), ("--crop", crop, a.get("val_crop_size"))):
+            if mine and theirs and mine != theirs:
+                print(f"note: {info['path']}: {flag} {mine} given; its run was validated with {theirs}", file=sys.stderr)
         crop = crop or a.get("val_crop_size") or 224
         resize = resize or a.get("val_resize_size") or round(crop * 256 / 224)
         view = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop)])
@@ -163,6 +168,8 @@ def class_names(info, labels=None):
             raise UserError(f"--labels has {len(labels)} names but {info['path']} classifies {n} classes")
         return labels
     a = info["args"] or {}
+    if len(a.get("class_names") or ()) == n:  # recorded in the checkpoint (or args.json) since they are
+        return list(a["class_names"])
     try:
         if info["dataset"] == "cifar" and a.get("dataset_dir") and a.get("dataset"):
             from utils.inputs.cifar import read_classes

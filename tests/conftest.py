@@ -111,9 +111,8 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def kill_tree(pid):
-    """SIGKILL a process and every descendant, those in sessions of their own too (torchrun starts its
-    ranks so): a rank left running would hold the output pipes open, and the test would wait for ever."""
+def descendants(pid):
+    """pid and every process below it (children of any of its threads, in any session), read from /proc."""
     family, i = [pid], 0
     while i < len(family):
         tasks = Path(f"/proc/{family[i]}/task")
@@ -123,7 +122,34 @@ def kill_tree(pid):
             except OSError:
                 pass
         i += 1
-    for p in family:
+    return family
+
+
+def started(pid):
+    """A process's start time (/proc/PID/stat field 22), None when it is gone or a zombie: with the pid, it
+    names the process (a pid may be reused)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def still_running(processes, within=10):
+    """Of {pid: start time} (recorded with `started`), the ones still running after `within` seconds."""
+    import time
+    deadline = time.time() + within
+    while True:
+        left = {p: t for p, t in processes.items() if t is not None and started(p) == t}
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def kill_tree(pid):
+    """SIGKILL a process and every descendant, those in sessions of their own too (torchrun starts its
+    ranks so): a rank left running would hold the output pipes open, and the test would wait for ever."""
+    for p in descendants(pid):
         try:
             os.kill(p, signal.SIGKILL)
         except OSError:

@@ -350,7 +350,7 @@ def test_table_check_catches_what_it_is_for(tmp_path):
 MAIN_SCRIPTS = ("main_imagenet.py", "main_cifar.py", "main_coco.py")
 # Flags docs/own-experiments.md documents that another branch adds (issue 23: fine-tuning). Once the flag
 # exists, test_pending_flags_are_still_pending fails: delete it here.
-PENDING_FLAGS = ("--pretrained",)
+PENDING_FLAGS = ()
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")  # DATA, DIR, CKPT, RUN_R50, F: the reader's own
 
 
@@ -465,6 +465,8 @@ def main_command_problems(script, args):
     task = module.TASK if script == "main_imagenet.py" else module.make_task(parsed)
     resume, problems = parsed.resume, []
     parsed.resume = __file__ if resume else ""  # a file that exists: whether it will is checked below
+    if getattr(parsed, "pretrained", None):  # the reader's own weights file, as --resume's
+        parsed.pretrained = __file__
     try:
         check_args(parsed, task)
     except UserError as e:

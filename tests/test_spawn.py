@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, descendants, make_tiny_data, run_cli, run_dir, seed, started, still_running
 
 
 
@@ -44,12 +44,22 @@ def read_until(proc, marker, timeout=300):
 
 
 def finish(proc, timeout=300):
+    """The output once the command returned; every process of its group (ranks, fork servers, loader
+    workers, multiprocessing's resource tracker) must have ended within 10 s of it."""
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return out, err
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return out, err
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"a process of the run outlived it\n{err[-3000:]}")
 
 
 def ranks_of(pid):
@@ -67,11 +77,12 @@ def rows(run_dir):
 
 
 def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_exactly(data, tmp_path):
-    """Two --nproc 2 runs at the same time (each picks its own free port). SIGTERM to one launcher
-    reaches both of its ranks, which save mid-epoch and stop (exit 143); the resume ends with the
-    uninterrupted run's weights and figures."""
+    """Two --nproc 2 runs at the same time (each picks its own free port). SIGTERM to one launcher (-j 2)
+    reaches both of its ranks, which save mid-epoch and stop: the command returns 143 and leaves no
+    process (ranks, their fork servers and workers); the resume ends with the uninterrupted run's
+    weights and figures."""
     whole = start(cmd(data, tmp_path / "whole"))
-    stopped = start(cmd(data, tmp_path / "stopped"))
+    stopped = start(cmd(data, tmp_path / "stopped", "-j", "2"))  # with loader workers (each rank's fork server)
     read_until(stopped, "Epoch: [2][1/6]")
     os.kill(stopped.pid, signal.SIGTERM)  # the launcher alone, as a scheduler or `kill` would
     out, err = finish(stopped)
@@ -92,9 +103,10 @@ def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_ex
 
 
 def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path):
-    """A terminal's Ctrl-C goes to the whole foreground group, launcher and ranks: the ranks stop at
-    one iteration as on SIGTERM, rank 0 saves, and the command exits 130."""
-    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    """A terminal's Ctrl-C goes to the whole foreground group, launcher, ranks and loader workers (-j 2):
+    the ranks stop at one iteration as on SIGTERM, rank 0 saves, and the command exits 130, leaving no
+    process."""
+    proc = start(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
     read_until(proc, "Epoch: [1][1/6]")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = finish(proc)
@@ -105,11 +117,16 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path)
 
 
 def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
-    proc = start(cmd(data, tmp_path, "--epochs", "1"))
+    """A rank killed by SIGKILL (the OOM killer): one line, exit 1, and its own fork server and loader
+    workers (-j 2), which no exit handler of the dead rank can end, end too."""
+    proc = start(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
     read_until(proc, "Epoch: [1][1/6]")
     ranks = ranks_of(proc.pid)
     assert len(ranks) == 2
-    os.kill(ranks[-1], signal.SIGKILL)  # as the kernel's OOM killer would
+    below = {p: started(p) for p in descendants(ranks[-1])[1:]}
+    assert len(below) >= 2, below  # its fork server and its loader worker (-j 2 over 2 ranks: one each)
+    os.kill(ranks[-1], signal.SIGKILL)
+    assert still_running(below) == {}
     out, err = finish(proc)
     assert proc.returncode == 1, (out[-2000:], err[-3000:])
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -119,6 +136,22 @@ def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+def test_an_error_in_the_ranks_with_loader_workers_is_one_line(data, tmp_path):
+    """A UserError inside both ranks while their loader workers run (every training image unreadable:
+    the workers raise "16 unreadable images in a row"): the command returns 1 with that one line and
+    leaves no process."""
+    import shutil
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    for f in (broken / "train").rglob("*.*"):
+        f.write_bytes(b"not an image")
+    proc = start(cmd(broken, tmp_path / "ck", "--epochs", "1", "-j", "2"))
+    out, err = finish(proc)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, (out[-2000:], err[-3000:])
+    assert lines[0].startswith("error: ") and "unreadable images in a row" in lines[0], lines
+
+
 def test_nproc_is_refused_under_torchrun_and_checked(monkeypatch):
     from utils import UserError
     from utils.distributed import processes_to_start
@@ -126,7 +159,8 @@ def test_nproc_is_refused_under_torchrun_and_checked(monkeypatch):
         processes_to_start(0, [])
     assert processes_to_start(None, []) == processes_to_start(None, None) == 1
     assert processes_to_start(3, []) == 3  # --gpu -1: gloo ranks on the CPU
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k, v in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # torchrun's
+        monkeypatch.setenv(k, v)
     with pytest.raises(UserError, match="torchrun started this process as one of 2"):
         processes_to_start(2, [])
 
@@ -168,5 +202,6 @@ def test_the_references_gpu_list_starts_one_rank_per_gpu(monkeypatch):
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
         assert init_distributed([2, 3]).device == torch.device("cuda", want)
     assert chosen == [torch.device("cuda", 2), torch.device("cuda", 3)]
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    for k, v in dict(RANK="0", WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():  # torchrun's
+        monkeypatch.setenv(k, v)
     assert processes_to_start(None, [0, 1, 2, 3]) == 1

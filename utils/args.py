@@ -131,7 +131,11 @@ AUTO_AUGMENT_POLICIES = ("ta_wide", "ra", "augmix", "imagenet", "cifar10")
 
 def add_recipe_args(p):
     """Modern-recipe flags of the classifiers (ImageNet, CIFAR), named as torchvision's classification
-    reference names them; the defaults switch every feature off, so the paper's recipe is unchanged."""
+    reference names them; the defaults switch every feature off, so the paper's recipe is unchanged.
+    Also --pretrained (fine-tuning), the classifiers' own (main_coco.py has --pretrained-backbone)."""
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="start a new run from these weights (a checkpoint or state_dict of the same arch and "
+                        "attention; a classifier of another class count is left out): fine-tuning")
     g = p.add_argument_group("modern training recipe (torchvision reference's flags; all off by default)")
     g.add_argument("--mixup-alpha", default=0.0, type=float, dest="mixup_alpha", metavar="A",
                    help="MixUp with Beta(A, A) mixing (0: off); with --cutmix-alpha one of the two per batch "

@@ -17,6 +17,7 @@ from .lifecycle.checkpoint import load_checkpoint, model_state
 from .inputs.coco import coco_eval, detections_to_coco, metrics_line
 from .distributed import all_reduce_sum
 from .engine import NonFiniteLossError, optimizer_step, progress_line
+from .lifecycle.processes import LoaderCut
 from .logger import RunLogger
 
 def _autocast(device, amp_dtype):
@@ -48,7 +49,13 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
     def current_sums():
         return {**local, "time": local["time"] + time.time() - start}
 
-    for it, (images, targets, bad) in enumerate(loader, start_iter):
+    for it, batch in enumerate(loader, start_iter):
+        if isinstance(batch, LoaderCut):  # the loader cannot give this batch: stop before it, as on a signal
+            if boundary is None or it == start_iter or not boundary(it, current_sums):
+                raise batch.error
+            logger.end_progress()
+            return {"interrupted": True, "iteration": it, "sums": current_sums(), "lr": lr}
+        images, targets, bad = batch
         local["skipped"] += len(bad)
         for p in bad[:5]:
             logger.info(f"skipped unreadable image: {p}")

@@ -35,10 +35,10 @@ def init_distributed(gpu_ids=None, store=None):
     store: the rendezvous store `spawn` hands its ranks; None: torchrun's environment (env://).
     CUDA ranks talk over nccl, CPU ranks over gloo.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    info = DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=world_size, local_rank=local_rank,
-                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    env = launcher_env(rendezvous=store is None)
+    world_size, local_rank = env["WORLD_SIZE"], env["LOCAL_RANK"]
+    info = DistInfo(rank=env["RANK"], world_size=world_size, local_rank=local_rank,
+                    local_world_size=env["LOCAL_WORLD_SIZE"])
     if torch.cuda.is_available() and gpu_ids != []:
         ids = gpu_ids or list(range(torch.cuda.device_count()))
         info.device = torch.device("cuda", ids[local_rank % len(ids)])
@@ -50,11 +50,41 @@ def init_distributed(gpu_ids=None, store=None):
     return info
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def launcher_env(rendezvous=True):
+    """torchrun's variables as integers (a single process when none is set). Some of them without the
+    rest (a shell opened inside a torchrun job, a script that exported RANK) is one line: run alone, this
+    process would take a rank it does not have (RANK=1: no output, no file), or fail deep in torch.
+    rendezvous: also MASTER_ADDR / MASTER_PORT for more than one process (env://; spawn gives a store)."""
+    from . import UserError
+    given = {k: os.environ[k] for k in LAUNCH_VARS if k in os.environ}
+    shown = " ".join(f"{k}={v}" for k, v in given.items())
+    hint = f"unset {' '.join(given)} to run one process, or start the command with torchrun"
+    for k in ("RANK", "WORLD_SIZE"):  # LOCAL_RANK alone only picks this process's GPU
+        if k not in given and ("RANK" in given or "WORLD_SIZE" in given):
+            raise UserError(f"the environment has {shown} but no {k} (left over from torchrun?): {hint}")
+    try:
+        env = {k: int(given.get(k, default)) for k, default in
+               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))}
+    except ValueError:
+        raise UserError(f"the environment's {shown} are not all integers: {hint}") from None
+    if not (env["WORLD_SIZE"] >= 1 and 0 <= env["RANK"] < env["WORLD_SIZE"]
+            and 0 <= env["LOCAL_RANK"] and ("LOCAL_WORLD_SIZE" not in given or env["LOCAL_RANK"] < env["LOCAL_WORLD_SIZE"])):
+        raise UserError(f"the environment's {shown} name no rank of a process group: {hint}")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if rendezvous and env["WORLD_SIZE"] > 1 and missing:
+        raise UserError(f"the environment has {shown} but no {' or '.join(missing)} (left over from torchrun?): "
+                        f"{hint}")
+    return env
+
+
 def processes_to_start(nproc, gpu_ids):
     """How many ranks this command starts itself: --nproc N, else one per GPU of `--gpu 0,1,2,3`
     (the reference's multi-GPU commands); 1 under torchrun, which started them already."""
     from . import UserError
-    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    launched = launcher_env()["WORLD_SIZE"] > 1
     cuda = torch.cuda.is_available() and gpu_ids != []
     if nproc is None:
         return len(gpu_ids) if gpu_ids and cuda and not launched else 1
@@ -98,10 +128,19 @@ def spawn(nproc, fn, *args):
                 os.kill(p.pid, signum)
 
     procs = []
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+    previous = {s: signal.signal(s, forward) for s in stops}
     try:
-        procs = mp.start_processes(_rank_main, args=(nproc, store.port, errors, fn, args), nprocs=nproc,
-                                   join=False, start_method="spawn").processes
+        # The ranks start with the stop signals blocked (a child inherits the mask): one sent to the group
+        # while they import (seconds) waits until _rank_main has its handlers, instead of a traceback.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            procs += mp.start_processes(_rank_main, args=(nproc, store.port, errors, fn, args), nprocs=nproc,
+                                        join=False, start_method="spawn").processes
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for signum in dict.fromkeys(got):  # taken while the ranks were starting: theirs too
+            forward(signum, None)
         running, stop = dict((p.sentinel, r) for r, p in enumerate(procs)), 0
         while running:
             for sentinel in wait(list(running)):
@@ -110,7 +149,8 @@ def spawn(nproc, fn, *args):
                 code = procs[rank].exitcode
                 if code == 0:
                     continue
-                if code in STOP_CODES or (got and code < 0 and -code in got):  # saved and stopped / killed at start-up
+                # saved and stopped, or killed at start-up (before its handlers: a Ctrl-C becomes SIGTERM there)
+                if code in STOP_CODES or (got and code < 0 and 128 - code in STOP_CODES):
                     stop = stop or code
                     continue
                 ended = {rank: code}
@@ -161,12 +201,17 @@ def _rank_main(rank, nproc, port, errors, fn, args):
     """One spawned rank: torchrun's variables, the parent's store, and the scripts' exit conventions."""
     import traceback
 
+    import multiprocessing
+
     from . import Preempted, UserError, error_line
+    from .lifecycle.processes import end_with_parent, end_workers
+    end_with_parent(multiprocessing.parent_process().pid)  # a launcher killed by SIGKILL takes its ranks along
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # Ctrl-C in a terminal reaches every rank (and the parent forwards it): each stops as on SIGTERM,
     # at the same iteration and with a checkpoint, instead of dying mid-collective.
     signal.signal(signal.SIGINT, lambda signum, frame: signal.raise_signal(signal.SIGTERM))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})  # spawn blocked them
     try:
         fn(*args, store=dist.TCPStore("127.0.0.1", port, is_master=False))
     except UserError as e:  # the launcher prints one line for all ranks
@@ -177,6 +222,10 @@ def _rank_main(rank, nproc, port, errors, fn, args):
     except Exception:  # a bug, or the loss of a peer: the launcher tells which and prints what matters
         errors.put((rank, "traceback", traceback.format_exc()))
         sys.exit(1)
+    finally:
+        # multiprocessing ends this process with its own exit handler, before atexit's, which waits
+        # for ever on loader workers that ignore SIGTERM: end them here.
+        end_workers()
 
 
 def barrier():

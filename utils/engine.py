@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from . import UserError
 from .inputs.data import UNREADABLE, normalize_uint8
 from .distributed import all_reduce_sum
+from .lifecycle.processes import LoaderCut
 from .logger import RunLogger
 
 
@@ -194,6 +195,11 @@ def train_one_epoch(model, loader, criterion, optimizer, lr_fn, epoch, device, *
     step = stepper or Stepper(optimizer, scaler)
     lr = lr_fn(epoch, step.index(start_iter))
     for it, batch in enumerate(loader, start=start_iter):
+        if isinstance(batch, LoaderCut):  # the loader cannot give this batch: stop before it, as on a signal
+            if boundary is None or it == start_iter or not step.ends_step(it - 1, n_iter) or not boundary(it, current_sums):
+                raise batch.error
+            logger.end_progress()
+            return {"interrupted": True, "iteration": it, "sums": current_sums(), "lr": lr}
         images, target, bad = _unpack(batch, device, channels_last, amp_dtype)
         if mix is not None:
             images, target = mix(images, target, epoch, it)

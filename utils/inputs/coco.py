@@ -29,7 +29,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from .. import UserError
 from .data import MAX_BAD_IN_A_ROW, ShardSampler, pil_rgb
-from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
+from ..lifecycle.processes import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
 from .demo_data import ensure_generated
 
 SPLITS = ("train", "val")

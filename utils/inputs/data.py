@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .. import UserError
 from .imagefiles import has_image, walk_images
-from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
+from ..lifecycle.processes import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -192,7 +192,7 @@ def recipe_of(args):
 
 
 # args.json keys that the trainer adds to the flags (not settings of the run).
-RECORD_ONLY = frozenset({"seed_used", "world_size", "classes", "data_realpath", "recipe_defaults"})
+RECORD_ONLY = frozenset({"seed_used", "world_size", "classes", "class_names", "data_realpath", "recipe_defaults"})
 
 
 def run_row(run):
