@@ -11,7 +11,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, assert_same_weights, make_tiny_data, reference_layouts, seed
+from conftest import ROOT, THREADS, assert_same_weights, make_tiny_data, reference_layouts, run_dir, seed
 from test_recipes_optim import main_in_process, stop_inside_epoch_2
 
 from networks import create_net
@@ -73,16 +73,16 @@ def test_finetune_from_1000_classes_resumes_bit_exactly(released, small_data, tm
            "--pretrained", str(path)]
     code, out, err = stop_inside_epoch_2(cmd)
     assert code == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
-    run = cut / f"imagenet-resnet18-simam-param0.0001-seed{seed(0)}"
+    run = run_dir([tiny_data, *FT, "--ckpt", cut, "--pretrained", path])
     ck = run / "checkpoint.pth.tar"
     mid = torch.load(ck, weights_only=True)
     assert mid["epoch"] == 1 and mid["iteration"] >= 3 and mid["classes"] == ["disc", "h_stripes", "v_stripes"]
 
     b8 = [*FT[:FT.index("-b")], "-b", "8", *FT[FT.index("-b") + 2:]]
     code, _, err = main_in_process([tiny_data, *b8, "-j", "0", "--ckpt", cut, "--resume", ck], capsys)
-    assert code == 1 and err.strip().splitlines() == [
-        f"error: {ck} was saved inside epoch 2 (iteration {mid['iteration']}) with -b 3: resume with -b 3 (another "
-        f"-b would train some of that epoch's images twice and others never)"]
+    assert code == 1 and err.strip().splitlines() == [  # another -b is another recipe (utils.recipe)
+        f"error: --resume {ck} continues a run of other settings: batch_size=8 (the run: 3); resume without them "
+        f"(the run's own are used), or start a new run without --resume"]
 
     renamed = tmp_path / "renamed"
     shutil.copytree(tiny_data, renamed)
@@ -97,7 +97,7 @@ def test_finetune_from_1000_classes_resumes_bit_exactly(released, small_data, tm
     code, _, err = main_in_process([tiny_data, *FT, "-j", "0", "--ckpt", cut, "--resume", ck, "--pretrained", path],
                                    capsys)
     assert code == 0, err[-3000:]
-    ref, got = (torch.load(r / f"imagenet-resnet18-simam-param0.0001-seed{seed(0)}" / "checkpoint.pth.tar",
+    ref, got = (torch.load(run_dir([tiny_data, *FT, "--ckpt", r, "--pretrained", path]) / "checkpoint.pth.tar",
                            weights_only=True) for r in (done, cut))
     assert (got["epoch"], got["iteration"]) == (2, 0)
     assert_same_weights(ref, got, momentum=True)

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, THREADS, TINY, assert_same_weights, descendants, make_tiny_data, run_cli, seed, started,
-                      still_running)
+from conftest import (ROOT, THREADS, TINY, assert_same_weights, descendants, make_tiny_data, run_cli, run_dir, seed,
+                      started, still_running)
 
-RUN = f"imagenet-resnet18-seed{seed(0)}"
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +101,13 @@ def test_a_killed_loader_worker_saves_and_the_run_resumes_exactly(data, tmp_path
     assert proc.returncode == 1 and len(errors(err)) == 1 and "Traceback" not in err, (out[-2000:], err[-3000:])
     line = errors(err)[0]
     assert line.startswith("error: loader worker (pid ") and "was killed by SIGKILL" in line, line
-    run = tmp_path / "cut" / RUN
+    run = run_dir(argv(data, tmp_path / "cut")[2:])
     ck = load(run / "checkpoint.pth.tar")
     assert ("checkpoint saved" in line and f"iteration {ck['iteration']}/12" in line) or (
         "keeps its last checkpoint" in line and ck["iteration"] == 0), (line, ck["epoch"], ck["iteration"])
     resumed = run_cli(argv(data, tmp_path / "cut", "-j", "2", "--resume", run / "checkpoint.pth.tar")[2:], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ref = tmp_path / "whole" / RUN
+    ref = run_dir(argv(data, tmp_path / "whole")[2:])
     assert_same_weights(load(ref / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar"), momentum=True)
     rows = [(run / "metrics.jsonl").read_text(), (ref / "metrics.jsonl").read_text()]
     keys = ("epoch", "train_loss", "train_acc1", "val_loss", "val_acc1")
@@ -129,7 +128,7 @@ def test_a_stopped_loader_worker_is_detected_and_a_stop_signal_honoured(data, tm
         time.sleep(1)
         os.kill(proc.pid, then)
     out, err = finish(proc, timeout=120)
-    ck = load(tmp_path / RUN / "checkpoint.pth.tar")
+    ck = load(run_dir(argv(data, tmp_path)[2:]) / "checkpoint.pth.tar")
     if then:
         assert proc.returncode == 143 and err.strip() == "", (out[-2000:], err[-3000:])
         assert f"stopped by SIGTERM at epoch {ck['epoch'] + 1}, iteration {ck['iteration']}/12" in out, out[-2000:]
@@ -187,7 +186,7 @@ def test_a_torchrun_environment_left_half_set_is_one_line(data, tmp_path, env, s
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(errors(err)) == 1, err[-3000:]
     assert says in err and "start the command with torchrun" in err, err
-    assert not (tmp_path / RUN).exists()
+    assert not run_dir(argv(data, tmp_path)[2:]).exists()
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
