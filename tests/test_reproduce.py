@@ -258,7 +258,7 @@ def test_eval_takes_the_runs_settings_from_its_checkpoint(e2e, tmp_path, capsys)
     """`-e --resume RUN/model_best.pth.tar` and `eval_checkpoints.py RUN` with no other flag: the arch, SimAM and
     its lambda, the data folder and the 36/32 validation sizes come from the checkpoint, and the figure is the one
     the run logged for its best epoch. A given size that differs is said in one line (and used)."""
-    run = e2e["runs"] / RUN_SIMAM
+    run = e2e["runs"] / e2e["simam"]
     best = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
     logged = next(r for r in rows_of(run) if r["epoch"] == best["best_epoch"])
     train_main(["-e", "--resume", str(run / "model_best.pth.tar")])
