@@ -336,8 +336,9 @@ class SampleIndex:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.take(np.arange(len(self))[i])
-        target = int(self.targets.array[i])
-        start, stop = self.offsets.array[i], self.offsets.array[i + 1 if i >= 0 else len(self) + i + 1]
+        target = int(self.targets.array[i])  # IndexError out of range
+        i = i + len(self) if i < 0 else i
+        start, stop = self.offsets.array[i], self.offsets.array[i + 1]
         return self.folders[target] + os.fsdecode(self.names.array[start:stop].tobytes()), target
 
     def __iter__(self):
