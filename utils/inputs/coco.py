@@ -17,6 +17,7 @@ training takes the next readable image in their place, evaluation drops them (Co
 import contextlib
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -179,10 +180,8 @@ class CocoSplit:
         names = [n.encode("utf-8", "surrogatepass") for _, n, _, _ in images]
         name_ends = np.cumsum([0] + [len(n) for n in names])
         cats = self.categories
-        rows, ann_ids, ann_cats, crowd, areas, boxes = (array("q"), array("q"), array("q"), array("b"), array("d"),
-                                                       array("d"))
-        kinds, seg_lo, seg_hi = array("b"), array("q"), array("q")
-        coords, poly_ends, rle_chars, rle_counts = array("d"), array("q", [0]), bytearray(), array("q")
+        ints, floats = [], []
+        polygons, rle_chars, rle_counts = [], bytearray(), array("q")  # polygons: the parsed lists, flattened at the end
         self.degenerate = 0
         for a in annotations:
             # The common case checked inline; anything unusual goes through _checked_annotation, whose
@@ -220,54 +219,47 @@ class CocoSplit:
             if x2 <= x1 or y2 <= y1:
                 self.degenerate += 1
                 continue
-            rows.append(row)
-            ann_ids.append(aid)
-            ann_cats.append(cid)
-            crowd.append(bool(a.get("iscrowd", 0)))
-            areas.append(float(a["area"]) if "area" in a else w * h)
-            boxes.extend((x1, y1, x2, y2))
             if not seg:  # no mask given: the box
-                kinds.append(NO_MASK)
-                seg_lo.append(0)
-                seg_hi.append(0)
+                kind, lo, hi = NO_MASK, 0, 0
             elif isinstance(seg, list):
-                kinds.append(POLYGONS)
-                seg_lo.append(len(poly_ends) - 1)
-                for poly in seg:
-                    coords.extend(poly)
-                    poly_ends.append(len(coords))
-                seg_hi.append(len(poly_ends) - 1)
+                kind, lo = POLYGONS, len(polygons)
+                polygons += seg
+                hi = len(polygons)
             elif isinstance(seg["counts"], str):
-                kinds.append(RLE_STRING)
-                seg_lo.append(len(rle_chars))
+                kind, lo = RLE_STRING, len(rle_chars)
                 rle_chars += seg["counts"].encode("utf-8", "surrogatepass")
-                seg_hi.append(len(rle_chars))
+                hi = len(rle_chars)
             else:
-                kinds.append(RLE_COUNTS)
-                seg_lo.append(len(rle_counts))
+                kind, lo = RLE_COUNTS, len(rle_counts)
                 rle_counts.extend(seg["counts"])
-                seg_hi.append(len(rle_counts))
+                hi = len(rle_counts)
+            # one tuple of integers and one of floats per annotation: made arrays once, at the end
+            ints.append((row, aid, cid, kind, lo, hi, bool(a.get("iscrowd", 0))))
+            floats.append((float(a["area"]) if "area" in a else w * h, x1, y1, x2, y2))
+        ints = np.array(ints, np.int64).reshape(-1, 7)
+        floats = np.array(floats, np.float64).reshape(-1, 5)
         # Annotations grouped by image (stable: file order within an image); a repeated image id's rows share them.
-        rows = np.frombuffer(rows, np.int64)
+        rows = ints[:, 0]
         order = np.argsort(rows, kind="stable")
         first = np.zeros(len(ids) + 1, np.int64)
         np.cumsum(np.bincount(rows, minlength=len(ids)), out=first[1:])
         owner = np.fromiter((row_of[i] for i in ids), np.int64, len(ids))
-        crowd = np.frombuffer(crowd, np.int8).astype(bool)[order]
+        crowd = ints[order, 6].astype(bool)
         noncrowd = np.zeros(len(crowd) + 1, np.int64)
         np.cumsum(~crowd, out=noncrowd[1:])
         lo, hi = first[owner], first[owner + 1]
+        poly_ends = np.zeros(len(polygons) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, polygons), np.int64, len(polygons)), out=poly_ends[1:])
+        coords = np.array(list(itertools.chain.from_iterable(polygons)), np.float64)  # one C loop, not one per polygon
         arrays = {
             "image_id": np.asarray(ids, np.int64), "width": np.asarray(widths, np.int64),
             "height": np.asarray(heights, np.int64), "name_ends": name_ends.astype(np.int64),
             "names": np.frombuffer(b"".join(names), np.uint8), "ann_lo": lo, "ann_hi": hi,
             "boxes_in_image": noncrowd[hi] - noncrowd[lo],  # non-crowd valid boxes of each image
-            "ann_id": np.frombuffer(ann_ids, np.int64)[order], "category": np.frombuffer(ann_cats, np.int64)[order],
-            "crowd": crowd, "area": np.frombuffer(areas, np.float64)[order],
-            "box": np.frombuffer(boxes, np.float64).reshape(-1, 4)[order],
-            "kind": np.frombuffer(kinds, np.int8)[order], "seg_lo": np.frombuffer(seg_lo, np.int64)[order],
-            "seg_hi": np.frombuffer(seg_hi, np.int64)[order], "coords": np.frombuffer(coords, np.float64),
-            "poly_ends": np.frombuffer(poly_ends, np.int64), "rle_chars": np.frombuffer(bytes(rle_chars), np.uint8),
+            "ann_id": ints[order, 1], "category": ints[order, 2], "crowd": crowd, "area": floats[order, 0],
+            "box": floats[order, 1:], "kind": ints[order, 3].astype(np.int8), "seg_lo": ints[order, 4],
+            "seg_hi": ints[order, 5], "coords": coords.reshape(-1),
+            "poly_ends": poly_ends, "rle_chars": np.frombuffer(bytes(rle_chars), np.uint8),
             "rle_counts": np.frombuffer(rle_counts, np.int64)}
         self.arrays = {k: SharedArray(v) for k, v in arrays.items()}
 
