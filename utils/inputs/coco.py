@@ -285,7 +285,7 @@ class CocoSplit:
         return row, a["id"], a["category_id"], bbox, a.get("segmentation")
 
     def __getstate__(self):  # what a loader worker receives: the arrays travel as descriptors
-        return {k: v for k, v in self.__dict__.items() if k not in ("_raw", "_by_id")}
+        return {k: v for k, v in self.__dict__.items() if k != "_raw"}
 
     # ---- the arrays as COCO dicts
 
