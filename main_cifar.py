@@ -2,7 +2,8 @@
 
     python main_cifar.py --dataset cifar100 --dataset_dir DIR -a resnet20 --attention_type simam --attention_param 1e-4
     torchrun --nproc_per_node=2 main_cifar.py --dataset cifar10 --dataset_dir DIR -a resnet56   # DDP; -b: total
-    python main_cifar.py --dataset cifar100 --dataset_dir DIR -a resnet20 -e --resume model_best.pth.tar
+    python main_cifar.py --dataset cifar100 --dataset_dir DIR -a resnet20 -e \\
+        --resume checkpoints/cifar100-resnet20/model_best.pth.tar
 
 DIR holds the extracted python archives (cifar-10-batches-py/ or cifar-100-python/); nothing is
 downloaded. The defaults are the reference's recipe (164 epochs, lr 0.1 x0.1 after epochs 81 and
@@ -17,9 +18,9 @@ import math
 import torch
 
 from networks import ATTENTION_CHOICES, create_net, model_names
-from utils import UserError, cli_main
+from utils import cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import add_recipe_args, parse_args
+from utils.args import add_recipe_args, check_number, parse_args, set_help
 from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, read_classes, read_split
 from utils.inputs.data import SampleAugment, augment_options
 from utils.schedule import lr_at, schedule_from_args
@@ -32,20 +33,26 @@ REFERENCE_ALIASES = {"batch_size": "--batch_size", "epochs": "--num_epoch", "lr"
 
 
 def get_args_parser():
-    p = common_args_parser("PyTorch CIFAR-10/100 training and evaluation (SimAM reproduction)")
-    p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))
+    p = common_args_parser("PyTorch CIFAR-10/100 training and evaluation (SimAM reproduction)",
+                           archs=model_names("cifar"))
+    p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"),
+                   help="%(choices)s (default: %(default)s)")
     p.add_argument("--dataset_dir", default="data", metavar="DIR",
-                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: data)")
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: %(default)s)")
     p.add_argument("--test-batch-size", default=100, type=int, dest="test_batch_size", metavar="N",
-                   help="total evaluation batch size (default: 100)")
+                   help="total evaluation batch size (default: %(default)s)")
     p.add_argument("--milestones", default=[81, 122], type=int, nargs="+", metavar="E",
                    help="lr x gamma once the 0-based epoch index passes each, as the reference's "
-                        "`epoch <= 81` test (default: 81 122, i.e. 82 + 41 + 41 epochs)")
-    p.add_argument("--gamma", default=0.1, type=float, help="lr factor at each milestone (default: 0.1)")
+                        "`epoch <= 81` test (default: %(default)s, i.e. 82 + 41 + 41 epochs)")
+    p.add_argument("--gamma", default=0.1, type=float, metavar="G",
+                   help="lr factor at each milestone (default: %(default)s)")
     p.add_argument("--warmup", action="store_true",
                    help="the reference's warm-up for deep nets: lr 0.01 during the first epoch")
     add_recipe_args(p)
     p.set_defaults(arch="resnet20", epochs=164, batch_size=128, lr=0.1, weight_decay=5e-4, print_freq=100)
+    set_help(p, cos_lr="cosine learning rate, updated every iteration (default: off, x --gamma at --milestones)",
+             workers="unused: the data lives on the training device and is augmented there in batches "
+                     "(default: %(default)s)")
     actions = {a.dest: a for a in p._actions}
     for dest, flag in REFERENCE_ALIASES.items():
         p.add_argument(flag, dest=dest, type=actions[dest].type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -107,6 +114,15 @@ def schedule(args, iters_per_epoch):
     return lr_fn
 
 
+def check_schedule_args(args):
+    """CIFAR's own numbers (the trainer's check_args checks the common ones)."""
+    check_number("--test-batch-size", args.test_batch_size, 1)
+    check_number("--gamma", args.gamma, 0, low_open=True)  # 0 would stop training at the first milestone
+    for m in args.milestones:
+        check_number("--milestones", m, 0)
+    return args
+
+
 def make_task(args):
     return Task(name=args.dataset, archs=model_names("cifar"), attentions=ATTENTION_CHOICES, classes=classes,
                 datasets=datasets, model=model, image_size=32, loader=make_loader(args), schedule=schedule)
@@ -114,9 +130,7 @@ def make_task(args):
 
 def main(argv=None):
     def go():
-        args = parse_args(get_args_parser(), argv)
-        if args.test_batch_size < 1:
-            raise UserError(f"--test-batch-size must be at least 1, got {args.test_batch_size}")
+        args = check_schedule_args(parse_args(get_args_parser(), argv))
         return run(args, make_task(args))
     return cli_main(go)
 

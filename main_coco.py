@@ -1,10 +1,10 @@
 """Train or evaluate Faster / Mask R-CNN + FPN on COCO with an attention backbone (SimAM's COCO table).
 
     python main_coco.py                                              # the built-in demo set, CPU-sized
-    python main_coco.py DATA --config configs/coco/faster_rcnn_r50_simam.toml \\
-        --pretrained-backbone imagenet-resnet50-simam-param0.1/model_best.pth.tar
+    python main_coco.py DATA --config configs/coco/faster_rcnn_resnet50_simam.toml \\
+        --pretrained-backbone checkpoints/imagenet-resnet50-simam-param0.1/model_best.pth.tar
     torchrun --nproc_per_node=8 main_coco.py DATA --config ...       # DDP; -b is the total batch
-    python main_coco.py DATA --detector mask_rcnn -e --resume checkpoint.pth.tar
+    python main_coco.py DATA --detector mask_rcnn -e --resume checkpoints/coco-mask_rcnn-resnet50/checkpoint.pth.tar
 
 DATA is COCO 2017's layout (annotations/instances_{train,val}2017.json, train2017/, val2017/).
 Without DATA the demo set (data/coco_demo/, generated on first use) is used, with small images.
@@ -14,11 +14,12 @@ utils/detection_engine.py. Docs: docs/coco.md.
 """
 import functools
 import os
+from pathlib import Path
 
 from networks import ATTENTION_CHOICES, DETECTORS, create_detector, model_names
 from utils import UserError, cli_main
 from utils.args import get_args_parser as common_args_parser
-from utils.args import parse_args
+from utils.args import check_number, given, parse_args, set_help
 from utils.inputs.coco import CocoDetection, CocoLoader, CocoSplit, collate_detection, ensure_coco_demo, metrics_line
 from utils.detection_engine import evaluate, load_pretrained_backbone, train_one_epoch
 from utils.logger import RunLogger
@@ -35,34 +36,47 @@ RECIPE_DEFAULTS = {"min_size": 800, "max_size": 1333, "warmup_iters": 500, "epoc
 
 
 def get_args_parser():
-    p = common_args_parser("Faster / Mask R-CNN + FPN on COCO (SimAM reproduction)")
+    p = common_args_parser("Faster / Mask R-CNN + FPN on COCO (SimAM reproduction)", archs=ARCHS, classifier=False)
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
                    help="COCO 2017 root (annotations/, train2017/, val2017/; default: the built-in demo set)")
-    p.add_argument("--detector", default="faster_rcnn", choices=tuple(DETECTORS))
-    p.add_argument("--min-size", type=int, default=None, dest="min_size",
-                   help="shorter image side after resizing (default: 800; demo set: 96)")
-    p.add_argument("--max-size", type=int, default=None, dest="max_size",
-                   help="longer side at most (default: 1333; demo set: 160)")
+    p.add_argument("--detector", default="faster_rcnn", choices=tuple(DETECTORS),
+                   help="%(choices)s (default: %(default)s)")
+    p.add_argument("--min-size", type=int, default=None, dest="min_size", metavar="PX",
+                   help=f"shorter image side after resizing (default: {recipe_or_demo('min_size')})")
+    p.add_argument("--max-size", type=int, default=None, dest="max_size", metavar="PX",
+                   help=f"longer side at most (default: {recipe_or_demo('max_size')})")
     p.add_argument("--pretrained-backbone", default=None, metavar="CKPT", dest="pretrained_backbone",
-                   help="ImageNet checkpoint (ours, --save_weights, or the reference's) for the backbone")
-    p.add_argument("--lr-base-batch", type=int, default=16, dest="lr_base_batch",
-                   help="--lr is for this many images per step; the run uses lr * b / this (default: 16)")
+                   help="ImageNet checkpoint (ours, --save_weights, or the reference's) for the backbone; "
+                        "\"\": none (default: none; each config of configs/coco/ names its ImageNet run)")
+    p.add_argument("--lr-base-batch", type=int, default=16, dest="lr_base_batch", metavar="N",
+                   help="--lr is for this many images per step; the run uses lr * b / this (default: %(default)s)")
     p.add_argument("--milestones", type=int, nargs="+", default=[8, 11], metavar="E",
-                   help="lr x gamma after these epochs (default: 8 11, the 1x schedule)")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--warmup-iters", type=int, default=None, dest="warmup_iters",
-                   help="linear warm-up iterations (default: 500; demo set: 20)")
-    p.add_argument("--warmup-ratio", type=float, default=0.001, dest="warmup_ratio",
-                   help="warm-up starts at lr x this (default: 0.001)")
+                   help="lr x gamma after these epochs (default: %(default)s, the 1x schedule)")
+    p.add_argument("--gamma", type=float, default=0.1, metavar="G",
+                   help="lr factor at each milestone (default: %(default)s)")
+    p.add_argument("--warmup-iters", type=int, default=None, dest="warmup_iters", metavar="N",
+                   help=f"linear warm-up iterations (default: {recipe_or_demo('warmup_iters')})")
+    p.add_argument("--warmup-ratio", type=float, default=0.001, dest="warmup_ratio", metavar="R",
+                   help="warm-up starts at lr x this (default: %(default)s)")
     p.add_argument("--trainable-layers", type=int, default=3, choices=range(6), dest="trainable_layers",
-                   help="backbone stages trained, from layer4 down (default: 3, stem + layer1 frozen)")
+                   metavar="{0..5}",
+                   help="backbone stages trained, from layer4 down (default: %(default)s, stem + layer1 frozen)")
     p.add_argument("--model-kw", nargs="+", default=[], metavar="KEY=VALUE", dest="model_kw",
                    help="more torchvision detector options, e.g. box_batch_size_per_image=256 "
-                        "rpn_post_nms_top_n_test=500 (numbers or true/false)")
+                        "rpn_post_nms_top_n_test=500 (numbers or true/false; default: torchvision's; "
+                        "demo set: fewer proposals, main_coco.DEMO_MODEL_KW)")
     # epochs 12 and -b 16 (the 1x recipe), or 4 and 8 on the demo set: resolve_defaults
     p.set_defaults(arch="resnet50", epochs=None, batch_size=None, lr=0.02, weight_decay=1e-4, momentum=0.9,
                    print_freq=20, workers=4)
+    set_help(p, epochs=f"total epochs (default: {recipe_or_demo('epochs')})",
+             batch_size=f"total images per step over all processes (default: {recipe_or_demo('batch_size')})",
+             lr="learning rate for --lr-base-batch images per step (default: %(default)s)")
     return p
+
+
+def recipe_or_demo(key):
+    """A default that resolve_defaults picks: the 1x recipe's, or the demo set's without DATA."""
+    return f"{RECIPE_DEFAULTS[key]}; demo set: {DEMO_DEFAULTS[key]}"
 
 
 def model_kw(items):
@@ -92,8 +106,12 @@ def resolve_defaults(args):
             setattr(args, key, value)
     if args.min_size < 1 or args.max_size < args.min_size:
         raise UserError(f"--min-size {args.min_size} / --max-size {args.max_size}: need 1 <= min <= max")
-    if args.lr_base_batch < 1 or args.warmup_iters < 0:
-        raise UserError("--lr-base-batch must be >= 1 and --warmup-iters >= 0")
+    check_number("--lr-base-batch", args.lr_base_batch, 1)
+    check_number("--warmup-iters", args.warmup_iters, 0)
+    check_number("--warmup-ratio", args.warmup_ratio, 0, 1)
+    check_number("--gamma", args.gamma, 0, low_open=True)  # 0 would stop training at the first milestone
+    for m in args.milestones:
+        check_number("--milestones", m, 0)
     args.model_kw = model_kw(args.model_kw) if isinstance(args.model_kw, list) else dict(args.model_kw)
     if args.data is None:
         args.model_kw = {**DEMO_MODEL_KW, **args.model_kw}
@@ -190,11 +208,57 @@ def make_task(args):
                 profile=functools.partial(profile, args=args))
 
 
+IMAGENET_CLASSES = 1000  # what a config's default backbone (one of our ImageNet runs) must classify
+
+
+def check_config_backbone(args):
+    """A config's default backbone (configs/coco/*.toml: our ImageNet run of the same arch and attention)
+    is used only when it is what the config means: a finished run of that arch, attention and parameter,
+    on ImageNet's 1000 classes. Anything else (a demo run, a run still training, another model) is one line."""
+    from utils.lifecycle import runfolder
+    from utils.lifecycle.checkpoint import model_state
+    from utils.trainer import effective_param, num_classes_of
+    path = Path(args.pretrained_backbone)
+    found = []
+    ck = runfolder.peek(path) if path.is_file() else None
+    if not path.is_file():
+        found.append("not there")
+    elif ck is None:
+        found.append("not a checkpoint")
+    else:
+        want = {"arch": args.arch, "attention_type": args.attention_type, "attention_param": effective_param(args)}
+        for key, value in want.items():
+            have = ck.get(key)
+            if have != value and not (key == "attention_param" and have is not None and value is not None
+                                      and float(have) == float(value)):
+                found.append(f"{key}={have!r} (the config has {value!r})")
+        try:
+            n = num_classes_of(model_state(ck))
+        except UserError:
+            n = None
+        if n != IMAGENET_CLASSES:
+            found.append(f"a {n}-class model (ImageNet's has {IMAGENET_CLASSES})")
+        own = runfolder.peek(path.parent / runfolder.CHECKPOINT) if (path.parent / runfolder.CHECKPOINT).is_file() else None
+        epochs = (own.get("args") or {}).get("epochs") if own else None
+        if own is None or epochs is None:
+            found.append(f"not in a run folder with its {runfolder.CHECKPOINT}")
+        elif runfolder.progress(own) < (epochs, 0):
+            found.append(f"from an unfinished run (at {runfolder.describe(runfolder.progress(own), epochs)})")
+    if found:
+        att = "" if args.attention_type == "none" else f" + {args.attention_type}"
+        raise UserError(f"the config's ImageNet backbone {path} is {'; '.join(found)}: pass --pretrained-backbone "
+                        f"PATH (a finished ImageNet {args.arch}{att} checkpoint), or --pretrained-backbone '' "
+                        f"to train from scratch")
+
+
 def main(argv=None):
     def go():
         args = resolve_defaults(parse_args(get_args_parser(), argv))
-        if args.pretrained_backbone and not args.resume and not os.path.isfile(args.pretrained_backbone):
-            raise UserError(f"--pretrained-backbone checkpoint not found: {args.pretrained_backbone}")
+        if args.pretrained_backbone and not args.resume:
+            if "pretrained_backbone" not in given(args):  # the config's default: only when it is what it means
+                check_config_backbone(args)
+            elif not os.path.isfile(args.pretrained_backbone):
+                raise UserError(f"--pretrained-backbone checkpoint not found: {args.pretrained_backbone}")
         return run(args, make_task(args))
     return cli_main(go)
 

@@ -2,7 +2,7 @@
 
     python main_imagenet.py DATA -a resnet50 --attention_type simam --attention_param 0.1
     torchrun --nproc_per_node=4 main_imagenet.py DATA -a resnet50 ...   # DDP, -b is the total batch
-    python main_imagenet.py DATA -a resnet50 -e --resume model_best.pth.tar
+    python main_imagenet.py DATA -a resnet50 -e --resume checkpoints/imagenet-resnet50/model_best.pth.tar
 
 Without DATA the built-in demo dataset (data/demo/, generated on first use) is used.
 Docs: docs/imagenet.md. The loop lives in utils/ (trainer.py, engine.py) and is shared with main_cifar.py.
@@ -21,15 +21,20 @@ from utils.trainer import Task, run
 
 
 def get_args_parser():
-    p = common_args_parser("PyTorch ImageNet training and evaluation (SimAM reproduction)")
+    p = common_args_parser("PyTorch ImageNet training and evaluation (SimAM reproduction)", archs=IMAGENET_ARCHS)
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
-                   help="ImageFolder root with train/ and val/ (default: the built-in demo dataset)")
-    p.add_argument("--train-crop-size", default=224, type=int, dest="train_crop_size")
-    p.add_argument("--val-resize-size", default=256, type=int, dest="val_resize_size")
-    p.add_argument("--val-crop-size", default=224, type=int, dest="val_crop_size")
+                   help="ImageFolder root with train/ and val/, any number of classes "
+                        "(default: the built-in demo dataset, data/demo/)")
+    p.add_argument("--train-crop-size", default=224, type=int, dest="train_crop_size", metavar="S",
+                   help="RandomResizedCrop size of training images (default: %(default)s)")
+    p.add_argument("--val-resize-size", default=256, type=int, dest="val_resize_size", metavar="S",
+                   help="validation: Resize of the shorter side (default: %(default)s)")
+    p.add_argument("--val-crop-size", default=224, type=int, dest="val_crop_size", metavar="S",
+                   help="validation: CenterCrop size after the resize (default: %(default)s)")
     p.add_argument("--data-backend", default="torch", choices=BACKENDS, dest="data_backend",
                    help="image decoding: torch (decode_jpeg + transforms.v2 on uint8), pil (PIL decode "
-                        "and resize), dali (NVIDIA DALI, nvJPEG on the GPU; pip install -r requirements-dali.txt)")
+                        "and resize), dali (NVIDIA DALI, nvJPEG on the GPU; pip install -r requirements-dali.txt) "
+                        "(default: %(default)s)")
     return add_recipe_args(p)
 
 

@@ -33,6 +33,8 @@ from torch import nn  # noqa: E402
 from networks import MODELS, create_attention, create_net, model_names  # noqa: E402
 from networks.attentions import simam_fused  # noqa: E402
 from networks.attentions.simam import SimAM  # noqa: E402
+from utils import UserError  # noqa: E402
+from utils.args import check_number  # noqa: E402
 
 VARIANTS = ("none", "se", "cbam", "simam", "simam-eager", "simam-formula", "eca", "gc", "srm", "coordatt", "triplet")
 
@@ -67,9 +69,13 @@ def parse_args(argv=None):
         p.error(f"--module-shape wants four positive integers N,C,H,W, got {a.module_shape!r}")
     a.module_shape = shape
     a.cifar = a.model in model_names("cifar")
-    a.size = a.size or (32 if a.cifar else 224)
+    a.size = (32 if a.cifar else 224) if a.size is None else a.size
     if min(a.batch, a.size, a.repeats) < 1 or a.warmup < 0:
         p.error("--batch, --size and --repeats must be >= 1, --warmup >= 0")
+    try:
+        check_number("--lambda", a.e_lambda, 0, low_open=True)
+    except UserError as e:
+        p.error(str(e))
     try:
         a.device = torch.device(a.device)
     except RuntimeError:

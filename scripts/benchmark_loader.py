@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
-from utils.args import AUTO_AUGMENT_POLICIES  # noqa: E402
+from utils.args import AUTO_AUGMENT_POLICIES, SEED_MAX, check_number  # noqa: E402
 from utils.inputs.data import EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms, reference_transforms  # noqa: E402
 import benchmark_scale  # noqa: E402
 
@@ -72,6 +72,9 @@ def parse_args(argv=None):
         args.repeats = 1 if args.scale else 3
     if args.images < args.batch or args.batch < 1 or args.repeats < 1 or args.workers < 0:
         raise UserError("need --images >= --batch >= 1, --repeats >= 1, --workers >= 0")
+    check_number("--seed", args.seed, 0, SEED_MAX)
+    check_number("--random-erase", args.random_erase, 0, 1)
+    check_number("--steps", args.steps, 1)
     return args
 
 

@@ -13,8 +13,10 @@ A checkpoint is a .pth.tar file or a run folder, ours or the reference's (utils.
 arch, attention and lambda as scripts/eval_checkpoints.py does). Preprocessing follows the model:
 ImageNet archs Resize + CenterCrop (the run's --val-resize-size / --val-crop-size when its args.json
 is there, else 256 / 224) with ImageNet mean/std; CIFAR archs a centre square scaled to 32x32 with
-CIFAR mean/std. Class names: --labels FILE (one per line), else the run's data folder (ImageFolder
-class folders or the CIFAR archive's names) when args.json records one that still exists, else indices.
+CIFAR mean/std. Arch, attention, its parameter and the sizes are the checkpoint's record unless given
+(a given value that differs is said). Class names: --labels FILE (one per line), else the names the
+checkpoint records, else the run's data folder (ImageFolder class folders or the CIFAR archive's
+names) when args.json records one that still exists, else indices.
 Layer: the last block of the last stage (e.g. layer4.1 of a ResNet-18), or --layer NAME
 (any name of model.named_modules() whose output is a feature map).
 Grad-CAM itself is torchcam's (torchcam.methods.GradCAM); see docs/figures.md for why that library.
@@ -30,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
+from utils.args import check_number  # noqa: E402
 from utils.reporting.models import load_model  # noqa: E402
 from utils.reporting.runs import ARCH_LABEL, attention_label  # noqa: E402
 
@@ -111,6 +114,9 @@ def preprocess(info, resize=None, crop=None):
     else:
         from utils.inputs.data import IMAGENET_MEAN as mean, IMAGENET_STD as std
         a = info["args"] or {}
+        for flag, mine, theirs in (("--resize", resize, a.get("val_resize_size")), ("--crop", crop, a.get("val_crop_size"))):
+            if mine and theirs and mine != theirs:
+                print(f"note: {info['path']}: {flag} {mine} given; its run was validated with {theirs}", file=sys.stderr)
         crop = crop or a.get("val_crop_size") or 224
         resize = resize or a.get("val_resize_size") or round(crop * 256 / 224)
         view = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop)])
@@ -162,6 +168,8 @@ def class_names(info, labels=None):
             raise UserError(f"--labels has {len(labels)} names but {info['path']} classifies {n} classes")
         return labels
     a = info["args"] or {}
+    if len(a.get("class_names") or ()) == n:  # recorded in the checkpoint (or args.json) since they are
+        return list(a["class_names"])
     try:
         if info["dataset"] == "cifar" and a.get("dataset_dir") and a.get("dataset"):
             from utils.inputs.cifar import read_classes
@@ -284,8 +292,10 @@ def main(argv=None):
     p.add_argument("--dpi", type=int, default=100, help="resolution of the written image (default: 100)")
     args = p.parse_args(argv)
     try:
-        if args.max_images < 1:
-            raise UserError(f"--max-images must be at least 1, got {args.max_images}")
+        for flag, v in (("--max-images", args.max_images), ("--resize", args.resize), ("--crop", args.crop),
+                        ("--dpi", args.dpi)):
+            check_number(flag, v, 1)
+        check_number("--attention_param", args.attention_param, 0, low_open=True)  # the module checks the rest
         with torch.no_grad():  # gradcam() turns it on where it needs it
             models = [load_model(c, args.arch, args.attention_type, args.attention_param) for c in args.checkpoints]
             labels = read_labels(args.labels) if args.labels else None

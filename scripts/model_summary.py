@@ -91,6 +91,11 @@ def main(argv=None):
             p.error(f"--detector needs a ResNet/ResNeXt arch, not {args.arch!r}")
         if args.attention_type is not None and args.attention_type not in ATTENTION_CHOICES:
             p.error(f"unknown attention type {args.attention_type!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
+        try:  # a parameter the module cannot take, before any detector is built
+            for attn in [args.attention_type] if args.attention_type else ["none", "simam"]:
+                resolve_param(attn, args.attention_param)
+        except ValueError as e:
+            p.error(f"--attention_param: {e}")
         rows = [dict(detector=args.detector, arch=arch, attention_type=attn,
                      attention_param=resolve_param(attn, args.attention_param),
                      **detector_stats(args.detector, arch, attn, args.attention_param))
@@ -110,7 +115,7 @@ def main(argv=None):
     try:
         rows = summary_rows(args.dataset, [args.arch] if args.arch else None, attentions, args.attention_param)
     except ValueError as e:  # a parameter the module cannot take
-        p.error(str(e))
+        p.error(f"--attention_param: {e}")
     print(json.dumps(rows, indent=1) if args.json else markdown(rows), end="\n" if args.json else "")
 
 

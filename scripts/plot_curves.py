@@ -94,6 +94,14 @@ def make_figure(runs, title=None):
     return fig
 
 
+def finished_run(run):
+    """read_run(run); UserError (the run is left out with a warning) while it has no finished epoch."""
+    r = read_run(run)
+    if not r["rows"]:
+        raise UserError("no finished epoch yet (metrics.jsonl has no row): left out")
+    return r
+
+
 def plot(runs, out, title=None):
     import matplotlib.pyplot as plt
     fig = make_figure(runs, title)
@@ -111,10 +119,8 @@ def main(argv=None):
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
     try:
-        runs = read_each(find_runs(args.runs), read_run)  # an unreadable run is named on stderr and left out
-        empty = [str(r["run"]) for r in runs if not r["rows"]]
-        if empty:
-            raise UserError(f"no finished epoch yet in {empty[0]}/metrics.jsonl")
+        # A run that cannot be read, or has no finished epoch yet, is named on stderr and left out.
+        runs = read_each(find_runs(args.runs), finished_run)
         out = plot(runs, args.output, args.title)
     except UserError as e:
         sys.exit(f"error: {error_line(e)}")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import UserError, error_line  # noqa: E402
-from utils.reporting.runs import ARCH_LABEL, DATASET_LABEL, aggregate_seeds, find_runs, read_each, run_row  # noqa: E402
+from utils.reporting.runs import (ARCH_LABEL, DATASET_LABEL, aggregate_seeds, find_runs, is_coco_run,  # noqa: E402
+                                  read_each, run_row)
 
 
 def model_label(key):
@@ -43,6 +44,17 @@ def sweep(rows):
         else:
             m["baseline"] = r
     return {k: v for k, v in models.items() if v["points"]}
+
+
+def sweep_row(run):
+    """A classification run's row; UserError (the run is left out with a warning) for a COCO run or
+    a run without a finished epoch."""
+    if is_coco_run(run):
+        raise UserError("a COCO run (box AP, no top-1 against lambda): left out; plot it with plot_curves.py")
+    row = run_row(run)
+    if row["top1"] is None:
+        raise UserError("no finished epoch yet (metrics.jsonl has no row): left out")
+    return row
 
 
 def _acc(mean, std):
@@ -118,10 +130,8 @@ def main(argv=None):
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
     try:
-        rows = read_each(find_runs(args.runs), run_row)  # an unreadable run is named on stderr and left out
-        empty = [r["source"] for r in rows if r["top1"] is None]
-        if empty:
-            raise UserError(f"no finished epoch yet in {empty[0]}/metrics.jsonl")
+        # A run that cannot be read or plotted here is named on stderr and left out.
+        rows = read_each(find_runs(args.runs), sweep_row)
         models = sweep(rows)
         import matplotlib.pyplot as plt
         fig = make_figure(models, args.title)

@@ -28,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import UserError  # noqa: E402
+from utils.args import check_number  # noqa: E402
 from utils.inputs.imagefiles import SymlinkLoop, walk_images  # noqa: E402
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -224,6 +226,12 @@ def main(argv=None):
                    help="validation images per class (default: 50 for 1000 classes, else unchecked)")
     args = p.parse_args(argv)
 
+    try:
+        check_number("--expect-classes", args.expect_classes, 1)
+        check_number("--expect-train", args.expect_train, 1)
+        check_number("--expect-val-per-class", args.expect_val_per_class, 1)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     if args.check:
         problems, summary = check_dataset(args.check, args.expect_classes, args.expect_train,
                                           args.expect_val_per_class)

@@ -37,5 +37,6 @@ case "$STATE" in
     *)      exit 1 ;;  # the helper has printed why
 esac
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+# torchrun without its ~30-line report after a rank's one `error:` line (scripts/torchrun_quiet.py)
+exec "$PYTHON" "$ROOT/scripts/torchrun_quiet.py" --standalone --nproc_per_node="$NPROC" \
     "$ROOT/$SCRIPT" "$DATA" --config "$CONFIG" -j "$WORKERS" "$@"

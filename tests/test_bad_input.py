@@ -63,7 +63,7 @@ def test_bad_numbers_and_folders(data, tmp_path, capsys):
         (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
         (["--ckpt", afile / "runs"], f"cannot write the run folder {afile / 'runs'}"),
         (["--amp", "fp16"], "--amp fp16 needs a GPU"),
-        (["--save-every-minutes", "0"], "--save-every-minutes must be > 0"),
+        (["--save-every-minutes", "0"], "--save-every-minutes must be a finite number > 0"),
         (["-b", "1", "--ckpt", tmp_path / "b1"], "-b 1: 1 image(s) per process meet a 1x1 feature map"),
     ]
     for extra, expected in cases:

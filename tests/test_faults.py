@@ -327,6 +327,38 @@ def test_a_torn_args_json_is_named_and_the_other_runs_are_read(tmp_path, capsys)
     assert "none of the 3 run folders could be read" in e.value.code and len(err) == 3
 
 
+def test_plots_leave_out_coco_and_unfinished_runs_naming_them(tmp_path, capsys):
+    """plot_sweep.py beside a COCO run (no top-1) and both plots beside a run with no finished epoch yet:
+    the others are drawn, each run left out is named in one warning line."""
+    import csv
+    runs = fake_runs(tmp_path)
+    coco = tmp_path / "coco-faster_rcnn-resnet50"
+    coco.mkdir()
+    (coco / "args.json").write_text(json.dumps(dict(detector="faster_rcnn", arch="resnet50", attention_type="none",
+                                                    epochs=2, classes=91)))
+    (coco / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, lr=0.02, train_loss=1.0, bbox_AP=20.0)) + "\n")
+    fresh = tmp_path / "cifar100-resnet20-simam-param0.001-seed0"
+    fresh.mkdir()
+    (fresh / "args.json").write_text((runs[0] / "args.json").read_text().replace("0.0001", "0.001"))
+    (fresh / "metrics.jsonl").write_text("")
+
+    script("plot_sweep").main([str(tmp_path), "-o", str(tmp_path / "s.png"), "--csv"])
+    out, err = capsys.readouterr()
+    assert sorted(err.splitlines()) == sorted([
+        f"warning: skipped {coco}: a COCO run (box AP, no top-1 against lambda): left out; plot it with plot_curves.py",
+        f"warning: skipped {fresh}: no finished epoch yet (metrics.jsonl has no row): left out", f"wrote {tmp_path / 's.png'}"])
+    rows = list(csv.DictReader(out.splitlines()))
+    assert [(r["param"], r["seeds"]) for r in rows] == [("0.0001", "3")] and (tmp_path / "s.png").is_file()
+
+    script("plot_curves").main([*map(str, runs), str(fresh), "-o", str(tmp_path / "c.png")])
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"warning: skipped {fresh}: no finished epoch yet (metrics.jsonl has no row): left out"]
+    assert (tmp_path / "c.png").is_file()
+    with pytest.raises(SystemExit) as e:  # nothing left to draw: one error line
+        script("plot_curves").main([str(fresh), "-o", str(tmp_path / "none.png")])
+    assert e.value.code.startswith("error: none of the 1 run folders could be read")
+
+
 def test_args_json_is_written_atomically(monkeypatch, tmp_path):
     """A full disk (or a kill) while args.json is written leaves the previous file, never a torn one."""
     path = tmp_path / "args.json"

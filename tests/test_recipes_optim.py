@@ -310,7 +310,7 @@ def test_tv2_configs_are_torchvisions_resnet50_recipe():
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1"),
     (["--model-ema-steps", "0"], "--model-ema-steps must be at least 1"),
     (["--model-ema-decay", "1.5"], "--model-ema-decay must be in [0, 1]"),
-    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a finite number >= 0"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm must be a finite number > 0"),
     (["--norm-weight-decay", "nan"], "--norm-weight-decay must be a finite number >= 0"),
     (["--bias-weight-decay", "-0.1"], "--bias-weight-decay must be a finite number >= 0"),
     (["--lr-warmup-decay", "0"], "--lr-warmup-decay must be in (0, 1]"),

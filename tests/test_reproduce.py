@@ -241,3 +241,26 @@ def test_read_run_ignores_a_half_written_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + '{"epoch": 2, "lr"')
     r = read_run(tmp_path)
     assert r["rows"] == [row] and r["best"] == row
+
+
+def test_eval_takes_the_runs_settings_from_its_checkpoint(e2e, tmp_path, capsys):
+    """`-e --resume RUN/model_best.pth.tar` and `eval_checkpoints.py RUN` with no other flag: the arch, SimAM and
+    its lambda, the data folder and the 36/32 validation sizes come from the checkpoint, and the figure is the one
+    the run logged for its best epoch. A given size that differs is said in one line (and used)."""
+    run = e2e["runs"] / RUN_SIMAM
+    best = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    logged = next(r for r in rows_of(run) if r["epoch"] == best["best_epoch"])
+    train_main(["-e", "--resume", str(run / "model_best.pth.tar")])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith(" * "))
+    assert f"Acc@1 {logged['val_acc1']:.3f} " in line, line
+    loss = float(line.split("Loss ")[1].split()[0])  # at 256/224 instead of 36/32 it would be another number
+    assert loss == pytest.approx(logged["val_loss"], rel=1e-3, abs=1e-3)
+
+    script("eval_checkpoints").main([str(run), "-j", "0", "--csv"])
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [float(r["top1"]) for r in rows] == [pytest.approx(logged["val_acc1"])]
+
+    script("eval_checkpoints").main([str(run), "-j", "0", "--csv", "--val-crop-size", "28"])
+    err = capsys.readouterr().err
+    assert f"note: {run / 'model_best.pth.tar'}: --val-crop-size 28 given; its run was validated with 32" in err

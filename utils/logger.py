@@ -5,6 +5,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def printable(text):
+    """`text` as valid UTF-8: the bytes of a file name that is not valid UTF-8 (which Python holds as
+    surrogates, os.fsdecode's surrogateescape) become backslash escapes (\\xff), so printing it or writing
+    it to log.txt cannot fail: one bad file name must not cost an epoch."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class RunLogger:
     """Prints and writes only when `enabled` (rank 0). folder=None: console only (e.g. evaluation).
 
@@ -21,6 +31,7 @@ class RunLogger:
     def info(self, msg):
         if not self.enabled:
             return
+        msg = printable(msg)
         if self._bar is not None:
             self._bar.write(msg)
         else:
@@ -29,8 +40,8 @@ class RunLogger:
 
     def file(self, msg):
         if self.enabled and self.folder is not None:
-            with open(self.folder / "log.txt", "a") as f:
-                f.write(msg + "\n")
+            with open(self.folder / "log.txt", "a", encoding="utf-8") as f:
+                f.write(printable(msg) + "\n")
 
     def progress(self, total, desc, initial=0):
         """A tqdm bar on a terminal, else None. Close it with end_progress()."""

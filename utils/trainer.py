@@ -20,9 +20,10 @@ from torch import nn
 
 from . import Preempted, UserError
 from .lifecycle import runfolder
-from .args import check_recipe_args, parse_gpu_ids, run_name
-from .lifecycle.checkpoint import (best_acc, check_identity, load_checkpoint, load_model_weights, model_state,
-                                   rng_state, save_atomic, set_rng_state)
+from .args import SEED_MAX, check_number, check_recipe_args, given, parse_gpu_ids, run_name
+from .lifecycle.checkpoint import (best_acc, check_class_names, check_identity, load_checkpoint, load_model_weights,
+                                   load_pretrained_weights, model_state, recorded_settings, rng_state, save_atomic,
+                                   set_rng_state)
 from .inputs.data import EpochLoader
 from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                           init_distributed, processes_to_start, spawn)
@@ -101,20 +102,24 @@ def check_args(args, task):
         raise UserError(f"--resume checkpoint not found: {args.resume}")
     if (args.evaluate or args.save_weights) and not args.resume:
         raise UserError(f"{'-e' if args.evaluate else '--save_weights'} needs --resume CHECKPOINT")
+    if getattr(args, "pretrained", None):
+        if args.evaluate or args.save_weights:
+            raise UserError(f"--pretrained starts a new run from its weights; {'-e' if args.evaluate else '--save_weights'}"
+                            f" reads --resume's: drop one of them")
+        if not args.resume and not Path(args.pretrained).is_file():  # a resume takes the weights from --resume
+            raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
     for flag, v in (("--epochs", args.epochs), ("-b", args.batch_size), ("-p", args.print_freq)):
-        if v < 1:
-            raise UserError(f"{flag} must be at least 1, got {v}")
-    for flag, v in (("-j", args.workers), ("--lr", args.lr), ("--momentum", args.momentum),
-                    ("--wd", args.weight_decay), ("--warmup-epochs", args.warmup_epochs)):
-        if not (math.isfinite(v) and v >= 0):
-            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
-    if not 0 <= args.label_smoothing < 1:
-        raise UserError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.save_every_minutes is not None and not args.save_every_minutes > 0:
-        raise UserError(f"--save-every-minutes must be > 0, got {args.save_every_minutes}")
+        check_number(flag, v, 1)
+    for flag, v in (("-j", args.workers), ("--lr", args.lr), ("--wd", args.weight_decay),
+                    ("--warmup-epochs", args.warmup_epochs)):
+        check_number(flag, v, 0)
+    check_number("--momentum", args.momentum, 0, 1, high_open=True)  # 1 never forgets a gradient: diverges
+    check_number("--label-smoothing", args.label_smoothing, 0, 1, high_open=True)
+    check_number("--save-every-minutes", args.save_every_minutes, 0, low_open=True)
+    check_number("--seed", args.seed, 0, SEED_MAX)
+    check_number("--nproc", getattr(args, "nproc", None), 1)
     for flag in ("train_crop_size", "val_resize_size", "val_crop_size"):
-        if getattr(args, flag, 1) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        check_number(f"--{flag.replace('_', '-')}", getattr(args, flag, None), 1)
     check_recipe_args(args)
 
 
@@ -157,11 +162,62 @@ def ema_weights(ckpt, path):
     return {"state_dict": {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}}
 
 
+# What decides the figure a run logs for its validation (beside the weights): `-e` and --save_weights
+# take these from the checkpoint's record unless the command line gives them (fill_from_checkpoint).
+EVAL_SETTINGS = ("arch", "attention_type", "attention_param", "data", "val_resize_size", "val_crop_size",
+                 "data_backend", "amp", "channels_last", "dataset", "dataset_dir", "detector", "min_size",
+                 "max_size", "model_kw")
+
+
+def fill_from_checkpoint(args, say=print):
+    """-e / --save_weights: every EVAL_SETTINGS flag the command line did not give comes from what the
+    --resume checkpoint (or its run folder's args.json) records; a given one that differs is said in one
+    line. A checkpoint that records nothing (the reference's) leaves the flags as they are."""
+    # Its small fields only (mmap); one that cannot be read is refused later, after the cheaper checks.
+    rec = recorded_settings(runfolder.peek(args.resume), args.resume)
+    told = given(args)
+    for key in EVAL_SETTINGS:
+        if key not in rec or not hasattr(args, key) or rec[key] is None and key != "attention_param":
+            continue
+        mine, theirs = getattr(args, key), rec[key]
+        if key not in told:
+            setattr(args, key, theirs)
+        elif not _same_setting(mine, theirs):
+            flag = "DATA" if key == "data" else "--" + (key if key in ("attention_type", "attention_param", "dataset_dir")
+                                                        else key.replace("_", "-"))
+            say(f"note: {flag} {mine} given; {args.resume} was trained and validated with {theirs}")
+    return rec
+
+
+def _same_setting(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if a is None or b is None:
+        return a is b
+    return a == b or str(a) == str(b)
+
+
+def refuse_overwriting_a_checkpoint(args):
+    """--save_weights never replaces a training checkpoint (the --resume file itself, or any other) by bare weights."""
+    from .lifecycle.runfolder import peek
+    out = Path(args.save_weights)
+    if not out.exists():
+        return
+    if os.path.samefile(out, args.resume):
+        raise UserError(f"--save_weights {out} is the --resume checkpoint itself: bare weights would replace it; "
+                        f"write them to another file")
+    held = peek(out)
+    if isinstance(held, dict) and any(k in held for k in ("state_dict", "optimizer", "epoch")):
+        raise UserError(f"--save_weights {out} is a training checkpoint: bare weights never replace one; "
+                        f"write them to another file")
+
+
 def save_weights(args, task):
+    refuse_overwriting_a_checkpoint(args)
     ckpt = load_checkpoint(args.resume)
     sd = model_state(ckpt)
     model = task.model(args, num_classes_of(sd))
-    check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
+    check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args), check_param=False)
     use_ema = getattr(args, "use_ema", False)
     load_model_weights(model, ema_weights(ckpt, args.resume) if use_ema else ckpt, args.resume)
     Path(args.save_weights).parent.mkdir(parents=True, exist_ok=True)
@@ -184,12 +240,17 @@ def check_device(args, gpu_ids):
 
 
 def run(args, task):
+    if args.resume and (args.evaluate or args.save_weights) and Path(args.resume).is_file():
+        is_main = int(os.environ.get("RANK", 0)) == 0  # under torchrun each rank fills in; rank 0 speaks
+        fill_from_checkpoint(args, say=lambda line: print(line, flush=True) if is_main else None)
     check_args(args, task)
     if args.save_weights:
         return save_weights(args, task)
     gpu_ids = parse_gpu_ids(args.gpu)
     check_device(args, gpu_ids)
     nproc = processes_to_start(getattr(args, "nproc", None), gpu_ids)
+    if args.batch_size % nproc:  # before any process starts (set_up checks each torchrun rank again)
+        raise UserError(f"-b {args.batch_size} (the total batch) is not divisible by {nproc} processes")
     if nproc > 1:  # --nproc N / --gpu 0,1,2,3 without torchrun: this command starts the ranks itself
         return spawn(nproc, run_rank, args, task, gpu_ids)
     return run_rank(args, task, gpu_ids)
@@ -240,6 +301,7 @@ class Job:
     run_dir: Path = None  # None under -e
     folder_lock: object = None  # rank 0's lock of run_dir
     finished: dict = None  # the result when the run folder is already finished
+    pretrained: dict = None  # --pretrained's checkpoint for a new run (fine-tuning), dropped once loaded
 
 
 @dataclass
@@ -287,7 +349,16 @@ def set_up(args, task, info):
 
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args))
+        check_identity(ckpt, args.resume, args.arch, args.attention_type, effective_param(args),
+                       check_param=not args.evaluate)  # -e with another parameter given: said by fill_from_checkpoint
+        check_checkpoint_fits(args, ckpt, classes)
+    pretrained = None
+    if ckpt is None and getattr(args, "pretrained", None) and not args.evaluate:  # read and checked before any build
+        pretrained = load_checkpoint(args.pretrained)
+        try:
+            check_identity(pretrained, args.pretrained, args.arch, args.attention_type, effective_param(args))
+        except UserError as e:
+            raise UserError(f"--pretrained: {e}") from None
     seed = choose_seed(args, ckpt, device, info)
     seed_everything(seed)
     mix = None if args.evaluate else batch_mix(args, len(classes), seed, info.rank)  # MixUp/CutMix, or None
@@ -295,10 +366,28 @@ def set_up(args, task, info):
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = args.seed is not None
     job = Job(device, logger, args.batch_size // info.world_size, math.ceil(args.workers / info.local_world_size),
-              classes, ckpt, seed, mix, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])
+              classes, ckpt, seed, mix, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp],
+              pretrained=pretrained)
     if not args.evaluate:
         open_run(args, task, info, job)
     return job
+
+
+def check_checkpoint_fits(args, ckpt, classes):
+    """Before anything is built: the --resume checkpoint's classes are the data's, and a mid-epoch one
+    continues with the batch size that cut the epoch."""
+    data = getattr(args, "data", None) or "the data"
+    if args.evaluate:
+        n = num_classes_of(model_state(ckpt))
+        if n != len(classes):
+            raise UserError(f"{args.resume} classifies {n} classes, but {data} has {len(classes)}")
+    check_class_names(ckpt, args.resume, classes, data)
+    epoch, iteration = runfolder.progress(ckpt) if isinstance(ckpt, dict) else (0, 0)
+    trained_b = (ckpt.get("args") or {}).get("batch_size") if isinstance(ckpt, dict) else None
+    if not args.evaluate and iteration and trained_b is not None and trained_b != args.batch_size:
+        raise UserError(f"{args.resume} was saved inside epoch {epoch + 1} (iteration {iteration}) with -b {trained_b}: "
+                        f"resume with -b {trained_b} (another -b would train some of that epoch's images twice "
+                        f"and others never)")
 
 
 def open_run(args, task, info, job):
@@ -311,7 +400,8 @@ def open_run(args, task, info, job):
         job.finished = {"best_acc1": best, "run_dir": job.run_dir, "finished": True}
         return
     if info.is_main:
-        settings = dict(vars(args), seed_used=job.seed, world_size=info.world_size, classes=len(job.classes))
+        settings = dict(vars(args), seed_used=job.seed, world_size=info.world_size, classes=len(job.classes),
+                        class_names=list(job.classes))
         runfolder.write_text_atomic(job.run_dir / "args.json", json.dumps(settings, indent=2, default=str) + "\n")
     job.logger = RunLogger(job.run_dir, enabled=info.is_main)
     job.logger.info(f"run folder: {job.run_dir}")
@@ -326,6 +416,9 @@ def build_model(args, task, info, job):
     print_model_summary(model, args, task, logger)
     if job.ckpt is not None:
         load_model_weights(model, job.ckpt, args.resume)
+    elif job.pretrained is not None:  # fine-tuning: a new run from these weights
+        load_pretrained(args, model, job.pretrained, logger)
+        job.pretrained = None
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -342,6 +435,23 @@ def build_model(args, task, info, job):
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(eval_model, device_ids=[device] if device.type == "cuda" else None)
     return Nets(model, eval_model, train_model, ema)
+
+
+def load_pretrained(args, model, ckpt, logger):
+    """--pretrained: the weights of a checkpoint or state_dict of the same arch and attention, but for
+    a classifier of another class count (left as initialised); no optimizer, epoch or RNG state."""
+    try:
+        skipped = load_pretrained_weights(model, ckpt, args.pretrained)
+    except UserError as e:
+        raise UserError(f"--pretrained: {e}") from None
+    n_own = len(model.state_dict())
+    if skipped:
+        theirs = model_state(ckpt)[skipped[0]].shape[0]
+        logger.info(f"=> weights from --pretrained {args.pretrained}: {n_own - len(skipped)} of {n_own} tensors; "
+                    f"not loaded: {', '.join(skipped)} ({theirs} classes there, {model.state_dict()[skipped[0]].shape[0]} "
+                    f"here: trained from scratch)")
+    else:
+        logger.info(f"=> weights from --pretrained {args.pretrained}: all {n_own} tensors")
 
 
 def make_loader(task, dataset, job, info, train):
@@ -417,7 +527,7 @@ def checkpoint_state(args, job, nets, opt, progress, epoch, iteration=0, epoch_s
             "best_of": progress.best_of, "model_ema": nets.ema.state_dict() if nets.ema is not None else None,
             "optimizer": opt.optimizer.state_dict(),
             "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
-            "rng": rng_state(), "metrics": progress.rows, "epoch_sums": epoch_sums,
+            "rng": rng_state(), "metrics": progress.rows, "epoch_sums": epoch_sums, "classes": list(job.classes),
             "args": json.loads(json.dumps(vars(args), default=str))}
 
 
@@ -555,6 +665,8 @@ def ema_from(args, model, ckpt, world_size, per_rank_batch, device, logger):
 def choose_seed(args, ckpt, device, info):
     """--seed, else the seed the resumed run used, else a fresh one; the same on every rank."""
     recorded = ckpt.get("seed") if isinstance(ckpt, dict) else None
+    if recorded is not None:  # an older version took any integer: the samplers failed at the next epoch
+        check_number(f"the seed recorded in {args.resume}", int(recorded), 0, SEED_MAX)
     if args.seed is not None:
         if recorded is not None and int(recorded) != args.seed:
             raise UserError(f"--seed {args.seed}, but {args.resume} was trained with seed {recorded}: "

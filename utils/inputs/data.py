@@ -14,6 +14,7 @@ the replacement carries the target UNREADABLE and the loop drops it (engine._unp
 readable image is evaluated exactly once. More than `MAX_BAD_IN_A_ROW` unreadable files in a row
 stops the run: that is a broken folder, not a bad file.
 """
+import io
 import math
 import os
 import random
@@ -30,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .. import UserError
-from .imagefiles import walk_images
+from .imagefiles import has_image, walk_images
 from .shared import SharedArray
 from ..lifecycle.preempt import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
 
@@ -105,10 +106,26 @@ def pil_loader(path):
         return pil_rgb(Image.open(f))
 
 
+def check_pixels(data):
+    """PIL's decompression-bomb rule for decoders other than PIL: raises Image.DecompressionBombError when
+    the encoded image's header declares more than 2 * PIL.Image.MAX_IMAGE_PIXELS pixels (178,956,970 by
+    default), as PIL (the pil backend, COCO, DALI's header read) refuses it; so every backend skips the
+    same images (docs/input-pipeline.md). Reads the header only; a header PIL cannot parse is left to the decoder."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Image.DecompressionBombError:
+        raise
+    except Exception:  # not PIL's to judge: decode_jpeg decides whether the file is readable
+        pass
+
+
 def tensor_loader(path):
     """uint8 RGB CHW tensor: libjpeg-turbo through decode_jpeg; PIL for the rest (PNG named .JPEG,
-    odd colour spaces). Raises for files neither can read."""
+    odd colour spaces). Raises for files neither can read, and (check_pixels) for images above PIL's
+    decompression-bomb limit."""
     data = read_file(str(path))
+    check_pixels(data.numpy())
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB)
     except RuntimeError:
@@ -266,7 +283,9 @@ def normalize_uint8(images, dtype=torch.float32, channels_last=False, mean=IMAGE
 def check_image_folder(root):
     """Fast layout check of an ImageFolder split; returns the sorted class names.
 
-    Lists directories only (one scandir per class), so it costs seconds even on ImageNet.
+    A class needs one image at any depth below its folder, as SafeImageFolder (ImageFolder) reads nested
+    images too; the search stops at the first image, so a class folder holding its images directly costs
+    one directory listing and the check costs seconds even on ImageNet.
     """
     root = Path(root)
     if not root.is_dir():
@@ -276,9 +295,8 @@ def check_image_folder(root):
         raise UserError(f"no class folders in {root} (expected {root}/<class>/<image>)")
     exts = datasets.folder.IMG_EXTENSIONS
     for c in classes:
-        with os.scandir(root / c) as it:
-            if not any(e.name.lower().endswith(exts) for e in it):
-                raise UserError(f"class folder has no images: {root / c}")
+        if not has_image(root / c, lambda name: name.lower().endswith(exts)):
+            raise UserError(f"class folder has no images: {root / c} (none at any depth below it)")
     return classes
 
 

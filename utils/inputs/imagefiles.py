@@ -25,6 +25,12 @@ def walk_images(folder, is_image):
     return out
 
 
+def has_image(folder, is_image):
+    """Whether any image lies at any depth under `folder` (the files walk_images would list), stopping at
+    the first one found: a class folder holding its images directly costs one directory listing."""
+    return any(is_image(f) for _, _, files in _walk(Path(folder)) for f in files)
+
+
 def _walk(top):
     # os.walk is top-down, so each directory is checked before anything below it is visited.
     for root, dirs, files in os.walk(top, followlinks=True):

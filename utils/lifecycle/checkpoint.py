@@ -109,18 +109,57 @@ def model_state(ckpt):
     return sd
 
 
-def check_identity(ckpt, path, arch, attention_type, attention_param):
-    """Name the first of arch / attention type / parameter that differs from this run's."""
+def check_identity(ckpt, path, arch, attention_type, attention_param, check_param=True):
+    """Name the first of arch / attention type / parameter that differs from this run's.
+    check_param=False: evaluation with another parameter given on purpose (said by the caller)."""
     if not isinstance(ckpt, dict):
         return
     for key, want in (("arch", arch), ("attention_type", attention_type), ("attention_param", attention_param)):
         have = ckpt.get(key)
-        if have is None:  # the reference stored only `arch`
+        if have is None or (key == "attention_param" and not check_param):  # the reference stored only `arch`
             continue
         if key == "attention_param" and want is not None and float(have) == float(want):
             continue
         if have != want:
             raise UserError(f"checkpoint {path} is for {key}={have!r}, but this run has {key}={want!r}")
+
+
+def recorded_settings(ckpt, path):
+    """What a checkpoint says about the run that wrote it: its flags (the checkpoint's "args", else the
+    args.json of the run folder it sits in), with its own arch / attention_type / attention_param /
+    classes on top. {} for a foreign checkpoint that records nothing (the reference's: `arch` at most)."""
+    import json
+    rec = dict(ckpt.get("args") or {}) if isinstance(ckpt, dict) else {}
+    if not rec:
+        run_args = Path(path).parent / "args.json"
+        try:
+            rec = json.loads(run_args.read_text()) if run_args.is_file() else {}
+        except (OSError, ValueError):
+            rec = {}
+        rec = rec if isinstance(rec, dict) else {}
+    if isinstance(ckpt, dict):
+        for key in ("arch", "attention_type", "attention_param"):
+            if ckpt.get(key) is not None:
+                rec[key] = ckpt[key]
+        if isinstance(ckpt.get("classes"), list):
+            rec["class_names"] = ckpt["classes"]
+    return rec
+
+
+def check_class_names(ckpt, path, classes, data):
+    """The class names `ckpt` was trained on (recorded since they are) against the data's: a renamed,
+    added or removed class folder shifts every label after it, so any difference is refused."""
+    recorded = ckpt.get("classes") if isinstance(ckpt, dict) else None
+    if not isinstance(recorded, list):
+        return  # older checkpoints and foreign ones record no names
+    classes = list(classes)
+    if recorded == classes:
+        return
+    if len(recorded) != len(classes):
+        raise UserError(f"{path} was trained on {len(recorded)} classes, but {data} has {len(classes)}")
+    i = next(i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b)
+    raise UserError(f"the classes of {data} differ from those {path} was trained on: class {i} is {classes[i]!r} "
+                    f"there, {recorded[i]!r} in the checkpoint (a renamed class folder shifts the labels)")
 
 
 def load_model_weights(model, ckpt, path):
@@ -143,6 +182,30 @@ def load_model_weights(model, ckpt, path):
                         + "; ".join(parts))
     check_finite(sd, path)
     model.load_state_dict(sd, strict=True)
+
+
+def classifier_keys(model):
+    """The state_dict keys of the model's classifier: the module of its last 2-D weight (fc, classifier.1)."""
+    own = model.state_dict()
+    last = [k for k, v in own.items() if v.dim() == 2 and k.endswith(".weight")][-1]
+    prefix = last.rsplit(".", 1)[0] + "."
+    return [k for k in own if k.startswith(prefix)]
+
+
+def load_pretrained_weights(model, ckpt, path):
+    """Fine-tuning's start (--pretrained): every weight of `ckpt` into `model`, except a classifier that
+    has another class count (its keys are returned, left as initialised). Anything else that does not
+    fit is load_model_weights' one-line UserError."""
+    sd = model_state(ckpt)
+    own = model.state_dict()
+    head = classifier_keys(model)
+    other_count = all(k in sd for k in head) and any(sd[k].shape != own[k].shape for k in head) and \
+        all(sd[k].shape[1:] == own[k].shape[1:] for k in head)
+    if not other_count:
+        load_model_weights(model, ckpt, path)
+        return []
+    load_model_weights(model, {"state_dict": {**sd, **{k: own[k] for k in head}}}, path)
+    return head
 
 
 def check_finite(state_dict, path):

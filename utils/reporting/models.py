@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .. import UserError
-from ..lifecycle.checkpoint import check_identity, load_checkpoint, load_model_weights, model_state
+from ..lifecycle.checkpoint import check_identity, load_checkpoint, load_model_weights, model_state, recorded_settings
 from ..trainer import num_classes_of
 
 SIMAM_LAMBDA = {"imagenet": 0.1, "cifar": 1e-4}  # the reference's runs, for checkpoints that do not record it
@@ -58,14 +58,20 @@ def identify(ckpt, path, arch=None, attention_type=None, attention_param=None, a
         if att is None:
             raise UserError(f"{path} fits no {found_arch} with attention {', '.join(ATTENTION_CHOICES)}")
     param = rec.get("attention_param", attention_param)
+    if attention_param is not None and param is not None and float(param) != float(attention_param):
+        # Evaluating another parameter on purpose (SimAM's lambda leaves the weights as they are): said, then used.
+        print(f"note: {path}: --attention_param {attention_param} given; it was trained with {param}", file=sys.stderr)
+        param = attention_param
     if param is None and att == "simam":
         param = SIMAM_LAMBDA[MODELS[found_arch][1]]
         print(f"note: {path} does not record SimAM's lambda; using {param} (override: --attention_param)",
               file=sys.stderr)
-    param = resolve_param(att, param)
+    try:
+        param = resolve_param(att, param)
+    except ValueError as e:  # a given --attention_param the module cannot take
+        raise UserError(f"{path}: --attention_param: {e}") from None
     check_identity(ckpt, path, found_arch if arch is None else arch,
-                   att if attention_type is None else attention_type,
-                   param if attention_param is None else attention_param)
+                   att if attention_type is None else attention_type, param, check_param=False)
     return found_arch, att, param
 
 
@@ -95,5 +101,5 @@ def load_model(path, arch=None, attention_type=None, attention_param=None, archs
     model = create_net(arch, att, param, num_classes=n)
     load_model_weights(model, ckpt, file)
     info = {"path": file, "arch": arch, "attention_type": att, "attention_param": param,
-            "dataset": MODELS[arch][1], "num_classes": n, "args": run_args(path)}
+            "dataset": MODELS[arch][1], "num_classes": n, "args": recorded_settings(ckpt, file) or run_args(path)}
     return model.eval(), info
