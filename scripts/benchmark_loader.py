@@ -3,6 +3,10 @@
     python scripts/benchmark_loader.py                      # 200 generated JPEGs, a few minutes on 2 cores
     python scripts/benchmark_loader.py --data /imagenet/val --images 2000 --workers 8 --repeats 5
     python scripts/benchmark_loader.py --backends torch --auto-augment ta_wide --random-erase 0.1   # recipe cost
+    python scripts/benchmark_loader.py --scale imagenet --root /scratch/bench   # set-up at ImageNet / COCO scale
+
+--scale imagenet|coco measures the loaders' set-up, memory and epoch start on synthetic full-size
+indexes instead, against torchvision's path (scripts/benchmark_scale.py says what and how).
 
 Backends (utils/inputs/data.py, utils/inputs/dali.py):
   old    the previous path: PIL decode, RandomResizedCrop/flip or Resize/CenterCrop on PIL, ToTensor,
@@ -38,7 +42,8 @@ from PIL import Image  # noqa: E402
 
 from utils import UserError, error_line  # noqa: E402
 from utils.args import AUTO_AUGMENT_POLICIES, SEED_MAX, check_number  # noqa: E402
-from utils.inputs.data import EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms, reference_transforms
+from utils.inputs.data import EpochLoader, SafeImageFolder, collate_skipping, imagenet_transforms, reference_transforms  # noqa: E402
+import benchmark_scale  # noqa: E402
 
 GPU_RATES = {"ResNet-50": 3000, "ResNet-18": 8000}
 
@@ -49,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=200, help="images per measurement (default 200)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="-j for the end-to-end measure (default 2; 0: skip it)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="interleaved repeats (default 3; with --scale 1)")
     p.add_argument("--backends", default="old,pil,torch,dali")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--auto-augment", choices=AUTO_AUGMENT_POLICIES, help="the pil/torch train transforms with this "
@@ -61,7 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="for --train-arch: timed steps after 5 warm-up steps")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="for --train-arch")
     p.add_argument("--channels-last", action="store_true", help="for --train-arch")
+    benchmark_scale.add_args(p)
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.scale else 3
     if args.images < args.batch or args.batch < 1 or args.repeats < 1 or args.workers < 0:
         raise UserError("need --images >= --batch >= 1, --repeats >= 1, --workers >= 0")
     check_number("--seed", args.seed, 0, SEED_MAX)
@@ -127,6 +135,8 @@ def fmt(xs):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.scale:
+            return benchmark_scale.main(args)
         torch.set_num_threads(1)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         if "dali" in backends:

@@ -307,3 +307,65 @@ def test_training_run_counts_each_bad_file_once(tmp_path):
                           script="main_coco.py"))[0]
     assert row["skipped_images"] == 3 and "skipped 3 unreadable images" in out
     assert sorted(set(p for p in bad if f"skipped unreadable image: {p}" in out)) == sorted(bad)
+
+
+def test_flat_annotation_arrays_give_the_targets_of_the_annotation_dicts(coco_small, tmp_path):
+    """CocoSplit's flat arrays give every training item exactly (boxes, labels, masks, flipped or not)
+    what the annotation dicts gave, built here from the JSON as CocoDetection built them before:
+    polygons, compressed and uncompressed RLE, no segmentation, crowd, clipped and degenerate boxes.
+    CocoLoader's workers persist across epochs and give -j 0's batches."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from utils.inputs.coco import _decode_masks
+
+    def edit(d):
+        a = d["annotations"]
+        a[0]["bbox"][0] -= 5  # clipped at the left edge
+        del a[1]["segmentation"]  # the box as mask
+        rle = mask_utils.frPyObjects(a[2]["segmentation"], d["images"][0]["height"], d["images"][0]["width"])
+        a[2]["segmentation"] = {"size": rle[0]["size"], "counts": rle[0]["counts"].decode()}
+        a[3]["iscrowd"] = 1
+        a[4]["bbox"] = [1.0, 1.0, 0.0, 3.0]  # degenerate: skipped
+        im = next(i for i in d["images"] if i["id"] == a[5]["image_id"])
+        flat = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a[5]["segmentation"], im["height"],
+                                                                          im["width"]))).flatten(order="F")
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+        a[5]["segmentation"] = {"size": [im["height"], im["width"]], "counts": np.diff(np.concatenate([[0], edges])).tolist()}
+        a[6]["segmentation"].append([1, 1, 9.5, 1, 5, 7.25])
+    root = copy_with(coco_small, tmp_path / "data", "train", edit)
+    data = json.loads(ann_file(root, "train").read_text())
+    by_id, anns = {im["id"]: im for im in data["images"]}, {im["id"]: [] for im in data["images"]}
+    for a in data["annotations"]:
+        im, (x, y, w, h) = by_id[a["image_id"]], map(float, a["bbox"])
+        box = [max(x, 0.0), max(y, 0.0), min(x + w, im["width"]), min(y + h, im["height"])]
+        if box[2] > box[0] and box[3] > box[1]:
+            anns[im["id"]].append({**a, "box": box})
+    images = [im for im in data["images"] if any(not a.get("iscrowd", 0) for a in anns[im["id"]])]
+    ds = CocoDetection(CocoSplit(root, "train"), train=True, with_masks=True)
+    assert ds.split.degenerate == 1 and len(ds) == len(images) and ds.without_boxes == len(data["images"]) - len(images)
+    for i, im in enumerate(images):
+        objects = [a for a in anns[im["id"]] if not a.get("iscrowd", 0)]
+        image = pil_to_tensor(pil_rgb(Image.open(root / "train2017" / im["file_name"])))
+        h, w = image.shape[-2:]
+        boxes = torch.tensor([a["box"] for a in objects], dtype=torch.float32)
+        masks = _decode_masks(objects, h, w)
+        for flip in (False, True):
+            got_image, got, _ = ds[(i, flip)]
+            want_boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1) if flip else boxes
+            assert torch.equal(got_image, (image.flip(-1) if flip else image).float() / 255)
+            assert got["image_id"] == im["id"] and torch.equal(got["boxes"], want_boxes)
+            assert torch.equal(got["labels"], torch.tensor([a["category_id"] for a in objects]))
+            assert torch.equal(got["masks"], masks.flip(-1) if flip else masks)
+    assert ds.split.anns == {k: [{key: a[key] for key in ("id", "image_id", "category_id", "box")} | {
+        "iscrowd": a.get("iscrowd", 0), "area": a["area"], **({"segmentation": a["segmentation"]} if a.get("segmentation") else {})}
+        for a in v] for k, v in anns.items()}
+
+    loader, plain = CocoLoader(ds, 2, 2, seed=seed(3)), CocoLoader(ds, 2, 0, seed=seed(3))
+    pids = []
+    for epoch in (0, 1):
+        it = iter(loader(epoch))
+        for (xs, ts, _), (ys, us, _) in zip(it, plain(epoch)):
+            assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+            assert all(torch.equal(t[k], u[k]) for t, u in zip(ts, us) for k in ("boxes", "labels", "masks"))
+        pids.append([w.pid for w in it._workers])
+    assert pids[0] == pids[1]  # started once

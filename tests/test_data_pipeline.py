@@ -258,3 +258,42 @@ def test_the_fork_server_ignores_the_signals_the_workers_ignore(tiny_data, monke
     status = Path(f"/proc/{forkserver._forkserver._forkserver_pid}/status").read_text()
     ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
     assert [s.name for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) if not ignored >> (s - 1) & 1] == []
+
+
+def test_sample_index_lists_what_torchvisions_image_folder_lists(tmp_path):
+    """SafeImageFolder's flat index (utils.inputs.data.SampleIndex) gives ImageFolder's samples and
+    targets, item for item (subfolders, upper-case and non-ASCII names, non-images left out), slices
+    included; and it pickles for a worker start as descriptors, not as the paths."""
+    import pickle
+    from multiprocessing import context, reduction
+
+    from torchvision import datasets
+    for i, rel in enumerate(["b/x.jpg", "b/sub/y.JPEG", "b/sub/deeper/z.png", "a/é-1.jpeg", "a/0.jpg",
+                             "c/q.JPG", "c/notes.txt"]):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        photo_like(tmp_path / rel, 16, 16, seed=i, format="PNG")
+    ours, ref = SafeImageFolder(tmp_path), datasets.ImageFolder(tmp_path)
+    assert list(ours.samples) == ref.samples and len(ours.samples) == 6
+    assert ours.targets.tolist() == ref.targets and ours.classes == ref.classes
+    assert [ours.samples[i] for i in range(-6, 6)] == ref.samples * 2
+    assert list(ours.samples[1:5:2]) == ref.samples[1:5:2] and list(ours.samples[::-1]) == ref.samples[::-1]
+    assert torch.equal(ours[(3, 5)][0], SafeImageFolder(tmp_path)[(3, 5)][0])
+
+    class Popen:  # a worker being started (multiprocessing's spawning popen): file descriptors travel apart
+        fds = []
+
+        def duplicate_for_child(self, fd):
+            self.fds.append(fd)
+            return fd
+
+        def DupFd(self, fd):
+            return fd
+
+    small = pickle.dumps(ours)
+    context.set_spawning_popen(Popen())
+    try:
+        for_worker = reduction.ForkingPickler.dumps(ours)
+    finally:
+        context.set_spawning_popen(None)
+    assert len(Popen.fds) == 3 and len(for_worker) < len(small) - 6 * len("x.jpg")
+    assert list(pickle.loads(small).samples) == ref.samples

@@ -15,10 +15,13 @@ torchvision's reference and mmdetection do). Unreadable image files are counted 
 training takes the next readable image in their place, evaluation drops them (CocoDetection).
 """
 import contextlib
+import gc
 import io
+import itertools
 import json
 import math
 import os
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from .. import UserError
-from .data import MAX_BAD_IN_A_ROW, ShardSampler, pil_rgb
+from .data import MAX_BAD_IN_A_ROW, ShardSampler, _Batches, pil_rgb
 from ..lifecycle.processes import end_workers_at_exit, ignore_stop_signals_in_worker, worker_start_method
 from .demo_data import ensure_generated
+from .shared import SharedArray
 
 SPLITS = ("train", "val")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
@@ -91,8 +95,33 @@ def _check_segmentation(seg, im, name):
                             f"3 or more (x, y) points")
 
 
+def _parse_json(path):
+    """json.loads of the file with the cyclic garbage collector paused: parsing COCO's train file makes
+    ~40M objects, and collections triggered along the way would walk them all again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(path.read_bytes())
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_NUMBER = (int, float)
+NO_MASK, POLYGONS, RLE_STRING, RLE_COUNTS = 0, 1, 2, 3  # kinds of segmentation in CocoSplit's arrays
+
+
 class CocoSplit:
-    """One split's parsed annotation file: images, their valid boxes, categories (checked)."""
+    """One split's parsed annotation file: images, their valid boxes, categories (checked).
+
+    Held in flat numpy arrays shared with the loader workers (utils.inputs.shared), built once at load:
+    per image its id, size, file name and the range of its valid annotations (grouped by image, file
+    order within); per annotation its box (xyxy, clipped to the image), category, crowd flag, area and
+    segmentation (polygon coordinates with offsets, RLE strings as bytes, RLE counts as integers).
+    A worker receives descriptors, not a copy of the annotations. `images` and `anns` show the arrays
+    as the COCO dicts ({image id: [annotation dicts with "box"]}); `raw` (the file's dict, as pycocotools
+    reads it) is parsed again when asked for (evaluation's ground truth): not kept for training.
+    """
 
     def __init__(self, root, split):
         root = Path(root)
@@ -103,7 +132,7 @@ class CocoSplit:
         if not self.img_dir.is_dir():
             raise UserError(f"image folder not found: {self.img_dir}")
         try:
-            raw = json.loads(self.ann_file.read_bytes())
+            raw = _parse_json(self.ann_file)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"annotation file {self.ann_file} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
@@ -116,8 +145,8 @@ class CocoSplit:
         where = f"annotation file {self.ann_file}"
         try:
             self.categories = {_id(c["id"], f"{where}: category id"): str(c["name"]) for c in raw["categories"]}
-            self.images = [{"id": _id(im["id"], f"{where}: image id"), "file_name": str(im["file_name"]),
-                            "width": int(im["width"]), "height": int(im["height"])} for im in raw["images"]]
+            images = [(_id(im["id"], f"{where}: image id"), str(im["file_name"]), int(im["width"]), int(im["height"]))
+                      for im in raw["images"]]
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: a category or image entry lacks {e}") from None
         if min(self.categories) < 1:
@@ -126,43 +155,203 @@ class CocoSplit:
             raise UserError(f"{where}: category id {max(self.categories)} is above the limit {MAX_CATEGORY_ID} "
                             f"(labels are category ids, so the detector would get {max(self.categories) + 1} "
                             f"classes); number the categories from 1")
-        if not self.images:
+        if not images:
             raise UserError(f"{where} lists no images")
         on_disk = set(os.listdir(self.img_dir))
         # A file_name may hold subfolders (e.g. "a/b.jpg"): those are looked up one by one.
-        missing = [im["file_name"] for im in self.images if im["file_name"] not in on_disk
-                   and not ("/" in im["file_name"] and (self.img_dir / im["file_name"]).is_file())]
+        missing = [name for _, name, _, _ in images if name not in on_disk
+                   and not ("/" in name and (self.img_dir / name).is_file())]
         if missing:
             raise UserError(f"{len(missing)} images listed in {self.ann_file} are missing from {self.img_dir}, "
                             f"e.g. {missing[0]}")
-        by_id = {im["id"]: im for im in self.images}
-        self.anns = {im["id"]: [] for im in self.images}
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load(images, raw["annotations"])
+        finally:
+            if enabled:
+                gc.enable()
+        self._raw = None
+
+    def _load(self, images, annotations):
+        ids = [i for i, _, _, _ in images]
+        widths, heights = [w for _, _, w, _ in images], [h for _, _, _, h in images]
+        row_of = {i: r for r, i in enumerate(ids)}  # a repeated id: its last entry, as a dict by id
+        names = [n.encode("utf-8", "surrogatepass") for _, n, _, _ in images]
+        name_ends = np.cumsum([0] + [len(n) for n in names])
+        cats = self.categories
+        ints, floats = [], []
+        polygons, rle_chars, rle_counts = [], bytearray(), array("q")  # polygons: the parsed lists, flattened at the end
         self.degenerate = 0
-        for a in raw["annotations"]:
-            if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a or "category_id" not in a:
-                raise UserError(f"{where}: an annotation lacks image_id, bbox or category_id")
-            name = f"annotation {a.get('id')} in {self.ann_file}"
-            # pycocotools indexes annotations by id and reads a match with id 0 as no match.
-            if _id(a.get("id"), f"{name}: id") < 1:
-                raise UserError(f"{name}: id must be an integer >= 1 (pycocotools reads 0 as 'no match')")
-            im = by_id.get(_id(a["image_id"], f"{name}: image_id"))
-            if im is None:
-                raise UserError(f"{name} points at image id {a['image_id']}, which the file does not list")
-            if _id(a["category_id"], f"{name}: category_id") not in self.categories:
-                raise UserError(f"{name} has unknown category {a['category_id']}")
-            a.setdefault("iscrowd", 0)  # COCOeval reads both
-            x, y, w, h = _numbers(a["bbox"], f"{name}: bbox", 4)
-            if "area" in a:
-                _numbers([a["area"]], f"{name}: area", 1)
-            a.setdefault("area", w * h)
-            if "segmentation" in a:
-                _check_segmentation(a["segmentation"], im, name)
-            box = [max(x, 0.0), max(y, 0.0), min(x + w, im["width"]), min(y + h, im["height"])]
-            if box[2] <= box[0] or box[3] <= box[1]:
+        for a in annotations:
+            # The common case checked inline; anything unusual goes through _checked_annotation, whose
+            # checks and error lines are the specification.
+            try:
+                aid, iid, cid, bbox = a["id"], a["image_id"], a["category_id"], a["bbox"]
+                row = row_of[iid] if type(iid) is int else None
+                seg = a.get("segmentation")
+                area = a.get("area", 0.0)
+                ok = (row is not None and type(aid) is int and aid >= 1 and type(cid) is int and cid in cats
+                      and type(bbox) is list and len(bbox) == 4 and type(area) in _NUMBER and math.isfinite(area))
+                if ok:
+                    x, y, w, h = bbox
+                    ok = (type(x) in _NUMBER and type(y) in _NUMBER and type(w) in _NUMBER and type(h) in _NUMBER
+                          and math.isfinite(x + y + w + h))
+                if ok and type(seg) is list:
+                    for poly in seg:
+                        if type(poly) is not list or len(poly) < 6 or len(poly) % 2 or not math.isfinite(sum(poly)):
+                            ok = False
+                            break
+                elif ok and "segmentation" in a:
+                    ok = isinstance(seg, dict)
+            except (KeyError, TypeError):
+                ok = False
+            if ok:
+                x, y, w, h = float(x), float(y), float(w), float(h)
+                if isinstance(seg, dict):
+                    _check_segmentation(seg, {"height": heights[row], "width": widths[row]},
+                                        f"annotation {aid} in {self.ann_file}")
+            else:
+                row, aid, cid, (x, y, w, h), seg = self._checked_annotation(a, row_of, widths, heights)
+            x1, y1 = (0.0 if 0.0 > x else x), (0.0 if 0.0 > y else y)  # max(x, 0.0), as written before
+            x2, y2 = x + w, y + h
+            x2, y2 = (widths[row] if widths[row] < x2 else x2), (heights[row] if heights[row] < y2 else y2)
+            if x2 <= x1 or y2 <= y1:
                 self.degenerate += 1
                 continue
-            self.anns[im["id"]].append({**a, "box": box})
-        self.raw = raw
+            if not seg:  # no mask given: the box
+                kind, lo, hi = NO_MASK, 0, 0
+            elif isinstance(seg, list):
+                kind, lo = POLYGONS, len(polygons)
+                polygons += seg
+                hi = len(polygons)
+            elif isinstance(seg["counts"], str):
+                kind, lo = RLE_STRING, len(rle_chars)
+                rle_chars += seg["counts"].encode("utf-8", "surrogatepass")
+                hi = len(rle_chars)
+            else:
+                kind, lo = RLE_COUNTS, len(rle_counts)
+                rle_counts.extend(seg["counts"])
+                hi = len(rle_counts)
+            # one tuple of integers and one of floats per annotation: made arrays once, at the end
+            ints.append((row, aid, cid, kind, lo, hi, bool(a.get("iscrowd", 0))))
+            floats.append((float(a["area"]) if "area" in a else w * h, x1, y1, x2, y2))
+        ints = np.array(ints, np.int64).reshape(-1, 7)
+        floats = np.array(floats, np.float64).reshape(-1, 5)
+        # Annotations grouped by image (stable: file order within an image); a repeated image id's rows share them.
+        rows = ints[:, 0]
+        order = np.argsort(rows, kind="stable")
+        first = np.zeros(len(ids) + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=len(ids)), out=first[1:])
+        owner = np.fromiter((row_of[i] for i in ids), np.int64, len(ids))
+        crowd = ints[order, 6].astype(bool)
+        noncrowd = np.zeros(len(crowd) + 1, np.int64)
+        np.cumsum(~crowd, out=noncrowd[1:])
+        lo, hi = first[owner], first[owner + 1]
+        poly_ends = np.zeros(len(polygons) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, polygons), np.int64, len(polygons)), out=poly_ends[1:])
+        coords = np.array(list(itertools.chain.from_iterable(polygons)), np.float64)  # one C loop, not one per polygon
+        arrays = {
+            "image_id": np.asarray(ids, np.int64), "width": np.asarray(widths, np.int64),
+            "height": np.asarray(heights, np.int64), "name_ends": name_ends.astype(np.int64),
+            "names": np.frombuffer(b"".join(names), np.uint8), "ann_lo": lo, "ann_hi": hi,
+            "boxes_in_image": noncrowd[hi] - noncrowd[lo],  # non-crowd valid boxes of each image
+            "ann_id": ints[order, 1], "category": ints[order, 2], "crowd": crowd, "area": floats[order, 0],
+            "box": floats[order, 1:], "kind": ints[order, 3].astype(np.int8), "seg_lo": ints[order, 4],
+            "seg_hi": ints[order, 5], "coords": coords.reshape(-1),
+            "poly_ends": poly_ends, "rle_chars": np.frombuffer(bytes(rle_chars), np.uint8),
+            "rle_counts": np.frombuffer(rle_counts, np.int64)}
+        self.arrays = {k: SharedArray(v) for k, v in arrays.items()}
+
+    def _checked_annotation(self, a, row_of, widths, heights):
+        """(image row, id, category id, bbox floats, segmentation) of one annotation, or its UserError."""
+        where = f"annotation file {self.ann_file}"
+        if not isinstance(a, dict) or "image_id" not in a or "bbox" not in a or "category_id" not in a:
+            raise UserError(f"{where}: an annotation lacks image_id, bbox or category_id")
+        name = f"annotation {a.get('id')} in {self.ann_file}"
+        # pycocotools indexes annotations by id and reads a match with id 0 as no match.
+        if _id(a.get("id"), f"{name}: id") < 1:
+            raise UserError(f"{name}: id must be an integer >= 1 (pycocotools reads 0 as 'no match')")
+        row = row_of.get(_id(a["image_id"], f"{name}: image_id"))
+        if row is None:
+            raise UserError(f"{name} points at image id {a['image_id']}, which the file does not list")
+        if _id(a["category_id"], f"{name}: category_id") not in self.categories:
+            raise UserError(f"{name} has unknown category {a['category_id']}")
+        bbox = _numbers(a["bbox"], f"{name}: bbox", 4)
+        if "area" in a:
+            _numbers([a["area"]], f"{name}: area", 1)
+        if "segmentation" in a:
+            _check_segmentation(a["segmentation"], {"height": heights[row], "width": widths[row]}, name)
+        return row, a["id"], a["category_id"], bbox, a.get("segmentation")
+
+    def __getstate__(self):  # what a loader worker receives: the arrays travel as descriptors
+        return {k: v for k, v in self.__dict__.items() if k != "_raw"}
+
+    # ---- the arrays as COCO dicts
+
+    def file_name(self, row):
+        ends = self.arrays["name_ends"].array
+        return self.arrays["names"].array[ends[row]:ends[row + 1]].tobytes().decode("utf-8", "surrogatepass")
+
+    def image(self, row):
+        a = self.arrays
+        return {"id": int(a["image_id"].array[row]), "file_name": self.file_name(row),
+                "width": int(a["width"].array[row]), "height": int(a["height"].array[row])}
+
+    @property
+    def images(self):
+        """The listed images as dicts (id, file_name, width, height), in the file's order."""
+        return _Rows(self.image, range(len(self.arrays["image_id"])))
+
+    def segmentation(self, j, row):
+        """Annotation j's segmentation (of image row `row`) as the file gave it, None where it gave none
+        (or an empty list); RLE sizes are the image's (the load checked that they agree)."""
+        a = self.arrays
+        kind, lo, hi = int(a["kind"].array[j]), int(a["seg_lo"].array[j]), int(a["seg_hi"].array[j])
+        if kind == POLYGONS:
+            ends, coords = a["poly_ends"].array, a["coords"].array
+            return [coords[ends[p]:ends[p + 1]].tolist() for p in range(lo, hi)]
+        if kind == NO_MASK:
+            return None
+        size = [int(a["height"].array[row]), int(a["width"].array[row])]
+        counts = (a["rle_chars"].array[lo:hi].tobytes().decode("utf-8", "surrogatepass") if kind == RLE_STRING
+                  else a["rle_counts"].array[lo:hi].tolist())
+        return {"size": size, "counts": counts}
+
+    def annotation(self, j, row):
+        """Annotation j (of image row `row`) as a dict: id, image_id, category_id, iscrowd, area, box
+        (xyxy, clipped) and segmentation (where given)."""
+        a = self.arrays
+        out = {"id": int(a["ann_id"].array[j]), "image_id": int(a["image_id"].array[row]),
+               "category_id": int(a["category"].array[j]), "iscrowd": int(a["crowd"].array[j]),
+               "area": float(a["area"].array[j]), "box": a["box"].array[j].tolist()}
+        seg = self.segmentation(j, row)
+        if seg is not None:
+            out["segmentation"] = seg
+        return out
+
+    def annotations_of(self, row):
+        """The valid annotations (degenerate boxes skipped) of image row `row`, as dicts, in file order."""
+        lo, hi = int(self.arrays["ann_lo"].array[row]), int(self.arrays["ann_hi"].array[row])
+        return [self.annotation(j, row) for j in range(lo, hi)]
+
+    @property
+    def anns(self):
+        """{image id: [annotation dicts]} of the valid annotations (see annotation())."""
+        ids = self.arrays["image_id"].array.tolist()
+        return {i: self.annotations_of(r) for r, i in enumerate(ids)}
+
+    @property
+    def raw(self):
+        """The annotation file's dict, iscrowd and area filled in where absent (COCOeval reads both)."""
+        if self._raw is None:
+            raw = _parse_json(self.ann_file)
+            for a in raw["annotations"]:
+                a.setdefault("iscrowd", 0)
+                if "area" not in a:
+                    a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+            self._raw = raw
+        return self._raw
 
     def class_names(self):
         """Category names indexed by id: 0 the background, unused ids "N/A" (torchvision's COCO list)."""
@@ -180,6 +369,24 @@ class CocoSplit:
         with contextlib.redirect_stdout(io.StringIO()):
             gt.createIndex()
         return gt
+
+
+class _Rows:
+    """A read-only sequence of make(row) over some rows of a CocoSplit."""
+
+    def __init__(self, make, rows):
+        self.make, self.rows = make, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.make(int(r)) for r in self.rows[i]]
+        return self.make(int(self.rows[i]))
+
+    def __iter__(self):
+        return (self.make(int(r)) for r in self.rows)
 
 
 # ---------------------------------------------------------------- dataset
@@ -206,23 +413,31 @@ class CocoDetection(Dataset):
 
     train=True: targets hold boxes (xyxy), labels (category ids), masks (with_masks) of non-crowd
     objects, and images without any are left out. train=False: every listed image, target
-    {"image_id"} only (evaluation reads the annotation file itself).
+    {"image_id"} only (evaluation reads the annotation file itself). Item i is row rows[i] of the
+    split's arrays; masks are decoded in the worker, per image.
     """
 
     def __init__(self, split: CocoSplit, train=True, with_masks=False):
         self.split, self.train, self.with_masks = split, train, with_masks
-        self.images = split.images
-        if train:
-            self.images = [im for im in split.images
-                           if any(not a["iscrowd"] for a in split.anns[im["id"]])]
-        self.without_boxes = len(split.images) - len(self.images)
+        every = np.arange(len(split.arrays["image_id"]))
+        self.rows = every[split.arrays["boxes_in_image"].array > 0] if train else every
+        self.without_boxes = len(every) - len(self.rows)
+
+    @property
+    def images(self):
+        return _Rows(self.split.image, self.rows)
 
     def __len__(self):
-        return len(self.images)
+        return len(self.rows)
+
+    def aspect_groups(self):
+        """Each item's aspect group (1: landscape, 0: not), as an array."""
+        a = self.split.arrays
+        return (a["width"].array[self.rows] > a["height"].array[self.rows]).astype(np.int64)
 
     def aspect_group(self, index):
-        im = self.images[index]
-        return int(im["width"] > im["height"])  # mmdetection's two groups: landscape / not
+        row = self.rows[index]
+        return int(self.split.arrays["width"].array[row] > self.split.arrays["height"].array[row])  # mmdetection's two groups: landscape / not
 
     def __getitem__(self, key):
         """key: index, (index, flip) or (index, flip, report). An unreadable file is reported (in
@@ -232,8 +447,8 @@ class CocoDetection(Dataset):
         index, flip, report = (*key, True)[:3] if isinstance(key, tuple) else (key, False, True)
         skipped = []
         for k in range(MAX_BAD_IN_A_ROW + 1):
-            im = self.images[(index + k) % len(self.images)]
-            path = self.split.img_dir / im["file_name"]
+            row = int(self.rows[(index + k) % len(self.rows)])
+            path = self.split.img_dir / self.split.file_name(row)
             try:
                 with Image.open(path) as f:
                     image = pil_to_tensor(pil_rgb(f))
@@ -241,19 +456,22 @@ class CocoDetection(Dataset):
                 skipped.append(str(path))
                 if self.train:
                     continue
-                return None, {"image_id": im["id"]}, (str(path),) if report else ()
-            return (*self._item(im, image, flip), tuple(skipped[:1]) if report else ())
+                return None, {"image_id": int(self.split.arrays["image_id"].array[row])}, (str(path),) if report else ()
+            return (*self._item(row, image, flip), tuple(skipped[:1]) if report else ())
         raise UserError(f"{len(skipped)} unreadable images in a row, e.g. {skipped[0]}")
 
-    def _item(self, im, image, flip):
+    def _item(self, row, image, flip):
         h, w = image.shape[-2:]
-        target = {"image_id": im["id"]}
+        a = self.split.arrays
+        target = {"image_id": int(a["image_id"].array[row])}
         if self.train:
-            anns = [a for a in self.split.anns[im["id"]] if not a["iscrowd"]]
-            boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            lo, hi = int(a["ann_lo"].array[row]), int(a["ann_hi"].array[row])
+            sel = lo + np.flatnonzero(~a["crowd"].array[lo:hi])
+            boxes = torch.from_numpy(a["box"].array[sel]).to(torch.float32).reshape(-1, 4)
             target["boxes"] = boxes
-            target["labels"] = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+            target["labels"] = torch.from_numpy(a["category"].array[sel].copy())
             if self.with_masks:
+                anns = [{"box": a["box"].array[j].tolist(), "segmentation": self.split.segmentation(j, row)} for j in sel]
                 target["masks"] = _decode_masks(anns, h, w)
             if flip:
                 target["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
@@ -275,27 +493,34 @@ def epoch_generator(seed, epoch):
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + 17) % 2**63)
 
 
+def grouped_order(dataset, batch_size, seed, epoch, world_size):
+    """grouped_batches as arrays: (indices, flips), each of shape (batches, batch_size)."""
+    g = epoch_generator(seed, epoch)
+    flips = (torch.rand(len(dataset), generator=g) < 0.5).numpy()
+    step = batch_size * world_size
+    groups, chunks = dataset.aspect_groups(), []
+    for group in (0, 1):
+        idx = torch.from_numpy(np.flatnonzero(groups == group))
+        if len(idx) == 0:
+            continue
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        chunks.append(idx[torch.arange(math.ceil(len(idx) / step) * step) % len(idx)].numpy().reshape(-1, batch_size))
+    batches = np.concatenate(chunks) if chunks else np.zeros((0, batch_size), np.int64)
+    order = torch.randperm(len(batches) // world_size, generator=g).numpy()
+    # Consecutive world_size batches form one global step; keep them together so a step's batches
+    # come from one group on every rank.
+    batches = batches[(order[:, None] * world_size + np.arange(world_size)).reshape(-1)]
+    return batches, flips[batches]
+
+
 def grouped_batches(dataset, batch_size, seed, epoch, world_size):
     """All ranks' batches of one epoch, a pure function of (seed, epoch): images grouped by aspect
     (landscape / portrait) so padding wastes little; each group shuffled and padded by repeating
     its own images to a multiple of batch_size * world_size (every rank gets the same number of
     batches, as mmdetection's DistributedGroupSampler); batch order shuffled. Items are
     (index, flip) with flip drawn per index from the same generator (probability 0.5)."""
-    g = epoch_generator(seed, epoch)
-    flips = (torch.rand(len(dataset), generator=g) < 0.5).tolist()
-    step = batch_size * world_size
-    batches = []
-    for group in (0, 1):
-        idx = torch.tensor([i for i in range(len(dataset)) if dataset.aspect_group(i) == group], dtype=torch.int64)
-        if len(idx) == 0:
-            continue
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        idx = idx[torch.arange(math.ceil(len(idx) / step) * step) % len(idx)]
-        batches += [[(int(i), flips[i]) for i in idx[s:s + batch_size]] for s in range(0, len(idx), batch_size)]
-    order = torch.randperm(len(batches) // world_size, generator=g).tolist()
-    # Consecutive world_size batches form one global step; keep them together so a step's batches
-    # come from one group on every rank.
-    return [batches[o * world_size + r] for o in order for r in range(world_size)]
+    index, flips = grouped_order(dataset, batch_size, seed, epoch, world_size)
+    return [list(zip(i, f)) for i, f in zip(index.tolist(), flips.tolist())]
 
 
 class CocoLoader:
@@ -304,51 +529,54 @@ class CocoLoader:
 
     Training: grouped_batches, this rank's share. Evaluation: one image per batch (torchvision's and
     mmdetection's test setting; detections then do not depend on how images were batched or on
-    the number of processes), contiguous shards (each image evaluated once, no padding).
+    the number of processes), contiguous shards (each image evaluated once, no padding). Workers are
+    started once a run and persist across epochs (only the batch list changes): nothing random
+    happens in them, flips come with the keys.
     """
 
     def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, train=True,
                  pin_memory=False, collate_fn=collate_detection):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
         self.seed, self.rank, self.world_size, self.train = seed, rank, world_size, train
-        self.pin_memory, self.collate_fn = pin_memory, collate_fn or collate_detection
+        self.generator = torch.Generator()
+        self._batches = _Batches()
         if workers:
             end_workers_at_exit()
+        self.loader = DataLoader(
+            dataset, batch_sampler=self._batches, num_workers=workers, collate_fn=collate_fn or collate_detection,
+            pin_memory=pin_memory, generator=self.generator, persistent_workers=workers > 0,
+            # scancel / a time limit signal the whole job: workers live on while the main process saves
+            worker_init_fn=ignore_stop_signals_in_worker, multiprocessing_context=worker_start_method(workers))
 
     def batches(self, epoch):
         if not self.train:
             return [[(i, False)] for i in ShardSampler(len(self.dataset), self.rank, self.world_size)]
-        every = grouped_batches(self.dataset, self.batch_size, self.seed, epoch, self.world_size)
-        return every[self.rank::self.world_size]
+        return grouped_batches(self.dataset, self.batch_size, self.seed, epoch, self.world_size)[self.rank::self.world_size]
 
     def keys(self, epoch):
         """batches(epoch) with a third element, report: False where an image comes again in the epoch
         (training's padding, on any rank), so an unreadable file is counted once an epoch."""
         if not self.train:
             return [[(i, f, True) for i, f in b] for b in self.batches(epoch)]
-        every, seen = [], set()
-        for batch in grouped_batches(self.dataset, self.batch_size, self.seed, epoch, self.world_size):
-            every.append([])
-            for i, flip in batch:
-                every[-1].append((i, flip, i not in seen))
-                seen.add(i)
-        return every[self.rank::self.world_size]
+        index, flips = grouped_order(self.dataset, self.batch_size, self.seed, epoch, self.world_size)
+        report = np.zeros(index.size, bool)
+        report[np.unique(index.reshape(-1), return_index=True)[1]] = True  # first time in the epoch
+        report = report.reshape(index.shape)
+        mine = slice(self.rank, None, self.world_size)
+        return [list(zip(*b)) for b in zip(index[mine].tolist(), flips[mine].tolist(), report[mine].tolist())]
 
     def __call__(self, epoch=0, start_batch=0):
+        self._batches.batches = self.keys(epoch)[start_batch:]
         # Its own generator: creating the iterator then draws nothing from the global RNG, whose state a
-        # mid-epoch checkpoint restores (nothing random happens in the workers: flips come with the keys).
-        return DataLoader(self.dataset, batch_sampler=self.keys(epoch)[start_batch:], num_workers=self.workers,
-                          collate_fn=self.collate_fn, pin_memory=self.pin_memory,
-                          generator=epoch_generator(self.seed, epoch),
-                          # scancel / a time limit signal the whole job: workers live on while the main process saves
-                          worker_init_fn=ignore_stop_signals_in_worker,
-                          multiprocessing_context=worker_start_method(self.workers))
+        # mid-epoch checkpoint restores.
+        self.generator.manual_seed(epoch_generator(self.seed, epoch).initial_seed())
+        return self.loader
 
     def __len__(self):
         if not self.train:
             return len(ShardSampler(len(self.dataset), self.rank, self.world_size))
-        sizes = [sum(self.dataset.aspect_group(i) == g for i in range(len(self.dataset))) for g in (0, 1)]
-        return sum(math.ceil(n / (self.batch_size * self.world_size)) for n in sizes)
+        sizes = np.bincount(self.dataset.aspect_groups(), minlength=2)
+        return sum(math.ceil(int(n) / (self.batch_size * self.world_size)) for n in sizes)
 
 
 # ---------------------------------------------------------------- evaluation
