@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_scale, beside this file
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -75,6 +76,7 @@ def parse_args(argv=None):
     check_number("--seed", args.seed, 0, SEED_MAX)
     check_number("--random-erase", args.random_erase, 0, 1)
     check_number("--steps", args.steps, 1)
+    benchmark_scale.check_args(args)
     return args
 
 

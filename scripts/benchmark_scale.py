@@ -11,7 +11,7 @@ annotations an image with realistic polygons, ~1% crowd with uncompressed RLE). 
 child process of its own, one after the other (interleaved over --repeats), so that neither's memory
 counts for the other:
   ours         SafeImageFolder + EpochLoader / CocoSplit + CocoDetection (masks decoded) + CocoLoader,
-               workers started as the trainer starts them (utils.lifecycle.preempt.worker_start_method);
+               workers started as a DDP rank starts them (utils.lifecycle.processes.worker_start_method);
   torchvision  datasets.ImageFolder / datasets.CocoDetection (pycocotools) + DataLoader(shuffle, fork),
                workers started every epoch (its reference scripts' setting).
 Figures: index build (ImageFolder scan / annotation load: JSON parse and checks vs pycocotools' COCO()),
@@ -156,11 +156,15 @@ SIDES = ("ours", "torchvision", "ours-fork")
 
 
 def _start_method(side):
-    """ours-fork: our loaders with workers forked from the main process (no fork server)."""
-    if side == "ours-fork":
-        import utils.inputs.coco
-        import utils.inputs.data
-        utils.inputs.data.worker_start_method = utils.inputs.coco.worker_start_method = lambda workers: None
+    """ours: workers as a DDP rank starts them (from the fork server where a fork can hang, see
+    utils.lifecycle.processes.worker_start_method); ours-fork: forked from the main process, as a
+    single-process run starts them."""
+    import utils.inputs.coco
+    import utils.inputs.data
+    from utils.lifecycle.processes import worker_start_method
+    choose = (lambda workers: worker_start_method(workers, process_group=True)) if side == "ours" else (lambda workers: None)
+    if side != "torchvision":
+        utils.inputs.data.worker_start_method = utils.inputs.coco.worker_start_method = choose
 
 
 def _stub_image(path):
@@ -293,7 +297,7 @@ def report(scale, results, workers, batch):
     print(f"\n{scale}: {ours[0]['entries']:,} entries" +
           (f", {ours[0]['annotations']:,} annotations" if scale == "coco" else "") +
           f"; {workers} workers, batch {batch}; {len(ours)} repeat(s): median [min-max]; times in s, memory in MB")
-    print("| | ours | torchvision |" + (" ours, workers forked (no fork server) |\n|---|---|---|---|" if fork else "\n|---|---|---|"))
+    print("| | ours | torchvision |" + (" ours, one process (workers forked) |\n|---|---|---|---|" if fork else "\n|---|---|---|"))
     rows = [(load_name, med, load), ("batch list of an epoch (main process)", med, "batch_list_s"),
             ("epoch 1: start to first batch", med, "first_batch_1"),
             ("epoch 2: start to first batch", med, "first_batch_2"),
@@ -324,13 +328,21 @@ def add_args(p):
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
 
 
+def check_args(args):
+    """The --scale flags' ranges (one line each), checked with the script's others before any work."""
+    from utils.args import check_number
+    for flag, value in (("--classes", args.classes), ("--per-class", args.per_class), ("--coco-images", args.coco_images),
+                        ("--scale-workers", args.scale_workers), ("--scale-batch", args.scale_batch)):
+        check_number(flag, value, 1)
+    check_number("--per-image", args.per_image, 0, low_open=True)
+    check_number("--fraction", args.fraction, 0, 1, low_open=True)
+
+
 def main(args):
     if args.root is None:
         raise UserError("--scale needs --root FOLDER (where the synthetic data is built)")
     workers = args.scale_workers if args.scale_workers is not None else (8 if args.scale == "imagenet" else 4)
     batch = args.scale_batch or (256 if args.scale == "imagenet" else 2)
-    if workers < 1 or batch < 1 or not 0 < args.fraction <= 1:
-        raise UserError("--scale needs --scale-workers >= 1, --scale-batch >= 1, 0 < --fraction <= 1")
     args.root.mkdir(parents=True, exist_ok=True)
     if args.scale == "imagenet":
         data = make_imagenet(args.root, args.classes, args.per_class)
@@ -342,9 +354,9 @@ def main(args):
         return
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
           f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    from utils.lifecycle.preempt import worker_start_method
-    # Where the trainer starts workers from a fork server, also ours from fork: the fork server's own start apart.
-    sides = SIDES if worker_start_method(workers) is not None else ("ours", "torchvision")
+    from utils.lifecycle.processes import worker_start_method
+    # Where a DDP rank starts workers from a fork server, also ours as one process does (fork): the server's start apart.
+    sides = SIDES if worker_start_method(workers, process_group=True) is not None else ("ours", "torchvision")
     results = {side: [] for side in sides}
     for r in range(args.repeats):
         for side in results:

@@ -16,7 +16,7 @@ from networks.cifar_resnet import CifarResNet
 from networks.cifar_wideresnet import WideResNet
 from networks.mobilenetv2 import MobileNetV2
 from networks.resnet import BasicBlock, Bottleneck, ResNet
-from utils.args import run_name
+from utils.recipe import run_name
 
 NEW = ["eca", "gc", "srm", "coordatt", "triplet"]
 SHAPES = [(1, 8, 1, 1), (2, 8, 7, 7), (1, 8, 56, 56), (3, 5, 5, 9)]  # 1x1, 7x7, 56x56, batch 1, odd

@@ -442,7 +442,8 @@ def main_command_problems(script, args):
     import main_coco
     import main_imagenet
     from utils import UserError
-    from utils.args import given, parse_args, run_name
+    from utils.args import given, parse_args
+    from utils.recipe import run_name
     from utils.trainer import check_args, effective_param
     module = {"main_imagenet.py": main_imagenet, "main_cifar.py": main_cifar, "main_coco.py": main_coco}[script]
     parser = module.get_args_parser()

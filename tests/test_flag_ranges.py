@@ -36,6 +36,9 @@ BAD = {
     # scripts/benchmark.py, scripts/benchmark_loader.py
     "batch": ["0"], "size": ["0"], "warmup": ["-1"], "repeats": ["0"], "e_lambda": ["0", "nan"], "images": ["0"],
     "steps": ["0"],
+    # scripts/benchmark_scale.py (benchmark_loader.py --scale)
+    "classes": ["0"], "per_class": ["0"], "coco_images": ["0"], "per_image": ["0", "nan"], "fraction": ["0", "1.5"],
+    "scale_workers": ["0"], "scale_batch": ["0"],
     # scripts/make_demo_data.py, scripts/prepare_imagenet.py
     "train_per_class": ["0"], "val_per_class": ["0"], "expect_classes": ["0"], "expect_train": ["0"],
     "expect_val_per_class": ["0"],

@@ -496,7 +496,7 @@ def test_make_table_shows_recipe_runs_apart_with_their_ema(tmp_path, capsys):
     # two seeds of a tv2 run: the model's best epoch and the EMA's best epoch differ
     fake_recipe_run(tmp_path, "tv2-a", 0,
                     [(70.0, 90.0, 69.0, 89.0), (72.0, 91.0, 71.0, 92.0), (71.0, 93.0, 73.0, 94.0)], config=tv2, model_ema=True, mixup_alpha=0.2)
-    fake_recipe_run(tmp_path, "tv2-b", 1, [(74.0, 92.0, 75.0, 95.0), (73.0, 90.0, 74.0, 90.0)],
+    fake_recipe_run(tmp_path, "tv2-b", 1, [(74.0, 92.0, 75.0, 95.0), (73.0, 90.0, 74.0, 90.0), (72.5, 89.0, 73.5, 89.0)],
                     config=tv2, model_ema=True, mixup_alpha=0.2)
     fake_recipe_run(tmp_path, "clip", 0, [(60.0, 80.0)], clip_grad_norm=1.0)  # a recipe flag, no EMA
     fake_recipe_run(tmp_path, "paper", 0, [(71.0, 89.0)])  # the paper's recipe

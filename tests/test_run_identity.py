@@ -12,7 +12,7 @@ import torch
 
 import main_imagenet
 from conftest import ROOT, TINY, make_tiny_data, run_dir, seed
-from utils.args import run_name
+from utils.recipe import run_name
 from utils.reporting.runs import effective_param
 
 LRS = ("0.1", "0.01")

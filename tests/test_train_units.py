@@ -14,7 +14,8 @@ import main_imagenet
 from conftest import ROOT, TINY, make_tiny_data, seed
 from networks import create_net
 from utils import UserError
-from utils.args import get_args_parser, parse_args, run_name
+from utils.args import get_args_parser, parse_args
+from utils.recipe import run_name
 from utils.lifecycle.checkpoint import load_checkpoint, load_model_weights, rng_state, save_atomic, set_rng_state
 from utils.inputs.data import EpochLoader, SafeImageFolder, ShardSampler, collate_skipping, imagenet_transforms
 from utils.engine import NonFiniteLossError, evaluate, train_one_epoch

@@ -387,17 +387,3 @@ def parse_gpu_ids(text):
     except ValueError:
         raise UserError(f"--gpu expects comma-separated integers, got {text!r}") from None
     return [g for g in ids if g >= 0]
-
-
-def run_name(prefix, arch, attention_type, attention_param, seed, digest=""):
-    """The reference's run-folder name: <prefix>-<arch>[-<attention>-param<p>][-<digest>][-seed<s>].
-    digest: utils.recipe's 8 hex digits of the recipe's non-default settings ("" for none), before
-    the seed so that one recipe's seeds share a prefix."""
-    name = f"{prefix}-{arch}"
-    if attention_type != "none":  # parameter-free modules (srm, triplet, adaptive eca) have no -param part
-        name += f"-{attention_type}" + ("" if attention_param is None else f"-param{float(attention_param)}")
-    if digest:
-        name += f"-{digest}"
-    if seed is not None:
-        name += f"-seed{seed}"
-    return name

@@ -2,7 +2,7 @@
 
 Every flag of the training scripts is recipe except those in NOT_RECIPE (how a run is executed, logged,
 saved or looked at); a new flag is recipe unless it is added there. The run folder is the readable
-name (utils.args.run_name: task, arch, attention, parameter, seed) plus, when the recipe differs from
+name (run_name, below: task, arch, attention, parameter, seed) plus, when the recipe differs from
 the command's defaults (the parser's, after --config), an 8-hex digest of those differing settings:
 default commands and the paper's configs keep their plain names, and a sweep over any flag gets one
 folder per value. The data root is no recipe flag (a moved dataset is the same data): its real path
@@ -61,9 +61,8 @@ def describe(diff):
 
 
 def folder_name(prefix, args):
-    """The run folder's name for `args` (utils.args.run_name plus the recipe digest before the seed)."""
+    """The run folder's name for `args` (run_name, below plus the recipe digest before the seed)."""
     from networks.attentions import resolve_param
-    from .args import run_name
     return run_name(prefix, args.arch, args.attention_type, resolve_param(args.attention_type, args.attention_param),
                     args.seed, digest(changes(args)))
 
@@ -135,3 +134,17 @@ def read_json_config(path):
         raise UserError(f"config file {path} is not a run's args.json (no 'arch' key)")
     base = rec.get("recipe_defaults")
     return rec, (base if isinstance(base, dict) else None)
+
+
+def run_name(prefix, arch, attention_type, attention_param, seed, digest=""):
+    """The reference's run-folder name: <prefix>-<arch>[-<attention>-param<p>][-<digest>][-seed<s>].
+    digest: utils.recipe's 8 hex digits of the recipe's non-default settings ("" for none), before
+    the seed so that one recipe's seeds share a prefix."""
+    name = f"{prefix}-{arch}"
+    if attention_type != "none":  # parameter-free modules (srm, triplet, adaptive eca) have no -param part
+        name += f"-{attention_type}" + ("" if attention_param is None else f"-param{float(attention_param)}")
+    if digest:
+        name += f"-{digest}"
+    if seed is not None:
+        name += f"-seed{seed}"
+    return name
