@@ -160,3 +160,14 @@ def pytest_configure(config):
     # torchvision 0.29 deprecates its image decoders (utils.inputs.data.tensor_loader uses decode_jpeg): one
     # warning per image otherwise.
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+def main_in_process(argv, capsys, code):
+    """main_imagenet.main(argv) in this process, expecting exit `code`: (stdout, the stderr lines)."""
+    import main_imagenet
+    with pytest.raises(SystemExit) as exc:
+        main_imagenet.main([str(a) for a in argv])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    assert exc.value.code == code, (exc.value.code, out.out[-2000:], out.err[-2000:])
+    return out.out, out.err.strip().splitlines()

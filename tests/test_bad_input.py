@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main_imagenet
-from conftest import ROOT, TINY, make_tiny_data
+from conftest import ROOT, TINY, main_in_process, make_tiny_data
 from utils import UserError
 
 
@@ -21,13 +21,7 @@ def _one_thread(one_thread):  # conftest's, for every test of this file
 
 
 def main(argv, capsys, code=1):
-    """main_imagenet.main in this process: (exit code, stdout, the stderr lines)."""
-    with pytest.raises(SystemExit) as exc:
-        main_imagenet.main([str(a) for a in argv])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    assert exc.value.code == code, (exc.value.code, out.out[-2000:], out.err[-2000:])
-    return out.out, out.err.strip().splitlines()
+    return main_in_process(argv, capsys, code)
 
 
 def error(argv, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main_imagenet
-from conftest import ROOT, TINY, make_tiny_data, run_dir, seed
+from conftest import ROOT, TINY, main_in_process, make_tiny_data, run_dir, seed
 from utils.recipe import run_name
 from utils.reporting.runs import effective_param
 
@@ -28,13 +28,7 @@ def flags(data, ckpt, *extra):
 
 
 def main(argv, capsys, code=0):
-    """main_imagenet.main in this process: (stdout, stderr lines)."""
-    with pytest.raises(SystemExit) as exc:
-        main_imagenet.main([str(a) for a in argv])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    assert exc.value.code == code, (exc.value.code, out.out[-2000:], out.err[-2000:])
-    return out.out, out.err.strip().splitlines()
+    return main_in_process(argv, capsys, code)
 
 
 def error(argv, capsys):
