@@ -199,10 +199,32 @@ def run_epochs(make_iter, fraction):
     return out
 
 
+def median_seconds(fn, repeats=3):
+    """Median wall time of fn(i) over i in range(repeats) (the batch list of epochs 0, 1, 2)."""
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torchvision_epochs(ds, batch, workers, fraction, **loader_kw):
+    """torchvision's side: a shuffled DataLoader made anew every epoch (its references' setting), forked workers."""
+    import torch
+    from torch.utils.data import DataLoader
+    gen = torch.Generator()
+
+    def make_iter(epoch):
+        gen.manual_seed(epoch)
+        return iter(DataLoader(ds, batch, shuffle=True, num_workers=workers, generator=gen,
+                               multiprocessing_context="fork", **loader_kw))
+    return run_epochs(make_iter, fraction)
+
+
 def child_imagenet(side, data, workers, batch, fraction):
     import torch
     _start_method(side)
-    from torch.utils.data import DataLoader
     torch.set_num_threads(1)
     from torchvision import datasets
     from utils.inputs.data import EpochLoader, SafeImageFolder, collate_skipping, epoch_batches
@@ -213,24 +235,13 @@ def child_imagenet(side, data, workers, batch, fraction):
         ds.loader = _stub_image  # decode stubbed: the index and the workers are measured
         out["index_s"] = time.perf_counter() - start
         loader = EpochLoader(ds, batch, workers, seed=0, collate_fn=collate_skipping)
-        times = []
-        for epoch in range(3):
-            t = time.perf_counter()
-            epoch_batches(loader.sampler, batch, True, 0, epoch)
-            times.append(time.perf_counter() - t)
-        out["batch_list_s"] = statistics.median(times)
+        out["batch_list_s"] = median_seconds(lambda epoch: epoch_batches(loader.sampler, batch, True, 0, epoch))
         out.update(run_epochs(lambda e: iter(loader(e)), fraction))
     else:
         ds = datasets.ImageFolder(data, loader=_stub_image)
         out["index_s"] = time.perf_counter() - start
         out["batch_list_s"] = 0.0
-        gen = torch.Generator()
-
-        def make_iter(epoch):
-            gen.manual_seed(epoch)
-            return iter(DataLoader(ds, batch, shuffle=True, num_workers=workers, generator=gen,
-                                   multiprocessing_context="fork"))
-        out.update(run_epochs(make_iter, fraction))
+        out.update(torchvision_epochs(ds, batch, workers, fraction))
     out["entries"] = len(ds)
     return out
 
@@ -238,7 +249,6 @@ def child_imagenet(side, data, workers, batch, fraction):
 def child_coco(side, root, workers, batch, fraction):
     import torch
     _start_method(side)
-    from torch.utils.data import DataLoader
     torch.set_num_threads(1)
     import contextlib
     import io
@@ -252,12 +262,7 @@ def child_coco(side, root, workers, batch, fraction):
         out["load_s"] = time.perf_counter() - start
         ds = CocoDetection(split, train=True, with_masks=True)
         loader = CocoLoader(ds, batch, workers, seed=0)
-        times = []
-        for epoch in range(3):
-            t = time.perf_counter()
-            loader.keys(epoch)
-            times.append(time.perf_counter() - t)
-        out["batch_list_s"] = statistics.median(times)
+        out["batch_list_s"] = median_seconds(loader.keys)
         out.update(run_epochs(lambda e: iter(loader(e)), fraction))
         out["annotations"] = len(split.arrays["ann_id"])
     else:
@@ -266,13 +271,7 @@ def child_coco(side, root, workers, batch, fraction):
         out["load_s"] = time.perf_counter() - start
         out["batch_list_s"] = 0.0
         out["annotations"] = len(ds.coco.anns)
-        gen = torch.Generator()
-
-        def make_iter(epoch):
-            gen.manual_seed(epoch)
-            return iter(DataLoader(ds, batch, shuffle=True, num_workers=workers, generator=gen,
-                                   collate_fn=tv_collate, multiprocessing_context="fork"))
-        out.update(run_epochs(make_iter, fraction))
+        out.update(torchvision_epochs(ds, batch, workers, fraction, collate_fn=tv_collate))
     out["entries"] = len(ds)
     return out
 
