@@ -11,12 +11,15 @@ annotations an image with realistic polygons, ~1% crowd with uncompressed RLE). 
 child process of its own, one after the other (interleaved over --repeats), so that neither's memory
 counts for the other:
   ours         SafeImageFolder + EpochLoader / CocoSplit + CocoDetection (masks decoded) + CocoLoader,
-               workers started as a DDP rank starts them (utils.lifecycle.processes.worker_start_method);
+               persistent workers started as a DDP rank starts them (utils.lifecycle.processes.
+               worker_start_method, called first thing as utils.trainer.run_rank does: a fork server
+               imports beside the index build); epoch 1 is its last --fraction (the rest skipped as a
+               resume skips it) read to its end, as every epoch of a run is, so epoch 2 starts as in training;
   torchvision  datasets.ImageFolder / datasets.CocoDetection (pycocotools) + DataLoader(shuffle, fork),
                workers started every epoch (its reference scripts' setting).
 Figures: index build (ImageFolder scan / annotation load: JSON parse and checks vs pycocotools' COCO()),
 the epoch's batch list (ours; torchvision's sampler draws lazily), time from starting an epoch to its
-first batch (epochs 1 and 2), each worker's USS (/proc/PID/smaps_rollup: its private memory) at
+first batch (epochs 1 and 2) and from the start of the index build to epoch 1's first batch, each worker's USS (/proc/PID/smaps_rollup: its private memory) at
 the first batch and at the end of --fraction of epoch 1, and the PSS of main + workers (+ fork
 server) then. Remove --root afterwards (rm -rf): over a million links.
 """
@@ -165,6 +168,7 @@ def _start_method(side):
     choose = (lambda workers: worker_start_method(workers, process_group=True)) if side == "ours" else (lambda workers: None)
     if side != "torchvision":
         utils.inputs.data.worker_start_method = utils.inputs.coco.worker_start_method = choose
+    return choose
 
 
 def _stub_image(path):
@@ -176,23 +180,31 @@ def tv_collate(batch):
     return tuple(zip(*batch))
 
 
-def run_epochs(make_iter, fraction):
-    """First-batch times of epochs 1 and 2, memory at epoch 1's first batch and after `fraction` of it."""
+def run_epochs(make_iter, batches, fraction, persistent):
+    """First-batch times of epochs 1 and 2, memory at epoch 1's first batch and after `fraction` of it.
+    make_iter(epoch, skip): an iterator over the epoch's batches from batch `skip` on. With persistent
+    workers (ours) epoch 1 is its last `fraction` (skipped as a resume skips, nothing loaded), read to its
+    end as every epoch of a run is, so that epoch 2 starts as it does in training (an epoch left half
+    read would have its prefetched batches drained first)."""
     out = {}
+    target = max(1, int(batches * fraction))
     start = time.perf_counter()
-    it = make_iter(0)
+    it = make_iter(0, batches - target if persistent else 0)
     next(it)
-    out["first_batch_1"] = time.perf_counter() - start
+    out["first_batch_at"] = time.perf_counter()
+    out["first_batch_1"] = out["first_batch_at"] - start
     out["uss_first"], out["pss_first"] = snapshot(it)
-    target, read = max(1, int(len(it) * fraction)), 1
+    read = 1
     while read < target:
         next(it)
         read += 1
     out["uss_end"], out["pss_end"] = snapshot(it)
     out["batches_read"] = read
+    if persistent:
+        assert next(it, None) is None  # the epoch's end
     del it
     start = time.perf_counter()
-    it = make_iter(1)
+    it = make_iter(1, 0)
     next(it)
     out["first_batch_2"] = time.perf_counter() - start
     del it
@@ -215,40 +227,43 @@ def torchvision_epochs(ds, batch, workers, fraction, **loader_kw):
     from torch.utils.data import DataLoader
     gen = torch.Generator()
 
-    def make_iter(epoch):
+    def make_iter(epoch, skip):
         gen.manual_seed(epoch)
         return iter(DataLoader(ds, batch, shuffle=True, num_workers=workers, generator=gen,
                                multiprocessing_context="fork", **loader_kw))
-    return run_epochs(make_iter, fraction)
+    return run_epochs(make_iter, -(-len(ds) // batch), fraction, persistent=False)
 
 
 def child_imagenet(side, data, workers, batch, fraction):
     import torch
-    _start_method(side)
+    start_method = _start_method(side)
     torch.set_num_threads(1)
     from torchvision import datasets
     from utils.inputs.data import EpochLoader, SafeImageFolder, collate_skipping, epoch_batches
     out = {}
     start = time.perf_counter()
     if side != "torchvision":
+        start_method(workers)  # first thing, as utils.trainer.run_rank: a fork server imports beside the scan
         ds = SafeImageFolder(data)
         ds.loader = _stub_image  # decode stubbed: the index and the workers are measured
         out["index_s"] = time.perf_counter() - start
-        loader = EpochLoader(ds, batch, workers, seed=0, collate_fn=collate_skipping)
+        # persistent workers, as the trainer's seeded transforms have them (EpochLoader)
+        loader = EpochLoader(ds, batch, workers, seed=0, collate_fn=collate_skipping, persistent_workers=True)
+        out.update(run_epochs(lambda e, skip: iter(loader(e, skip)), len(loader), fraction, persistent=True))
         out["batch_list_s"] = median_seconds(lambda epoch: epoch_batches(loader.sampler, batch, True, 0, epoch))
-        out.update(run_epochs(lambda e: iter(loader(e)), fraction))
     else:
         ds = datasets.ImageFolder(data, loader=_stub_image)
         out["index_s"] = time.perf_counter() - start
         out["batch_list_s"] = 0.0
         out.update(torchvision_epochs(ds, batch, workers, fraction))
     out["entries"] = len(ds)
+    out["to_first_batch"] = out.pop("first_batch_at") - start
     return out
 
 
 def child_coco(side, root, workers, batch, fraction):
     import torch
-    _start_method(side)
+    start_method = _start_method(side)
     torch.set_num_threads(1)
     import contextlib
     import io
@@ -258,12 +273,13 @@ def child_coco(side, root, workers, batch, fraction):
     out = {}
     start = time.perf_counter()
     if side != "torchvision":
+        start_method(workers)  # first thing, as utils.trainer.run_rank: a fork server imports beside the load
         split = CocoSplit(root, "train")
         out["load_s"] = time.perf_counter() - start
         ds = CocoDetection(split, train=True, with_masks=True)
         loader = CocoLoader(ds, batch, workers, seed=0)
+        out.update(run_epochs(lambda e, skip: iter(loader(e, skip)), len(loader), fraction, persistent=True))
         out["batch_list_s"] = median_seconds(loader.keys)
-        out.update(run_epochs(lambda e: iter(loader(e)), fraction))
         out["annotations"] = len(split.arrays["ann_id"])
     else:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -273,6 +289,7 @@ def child_coco(side, root, workers, batch, fraction):
         out["annotations"] = len(ds.coco.anns)
         out.update(torchvision_epochs(ds, batch, workers, fraction, collate_fn=tv_collate))
     out["entries"] = len(ds)
+    out["to_first_batch"] = out.pop("first_batch_at") - start
     return out
 
 
@@ -299,6 +316,7 @@ def report(scale, results, workers, batch):
     print("| | ours | torchvision |" + (" ours, one process (workers forked) |\n|---|---|---|---|" if fork else "\n|---|---|---|"))
     rows = [(load_name, med, load), ("batch list of an epoch (main process)", med, "batch_list_s"),
             ("epoch 1: start to first batch", med, "first_batch_1"),
+            (f"set-up to epoch 1's first batch ({'scan' if scale == 'imagenet' else 'load'} included)", med, "to_first_batch"),
             ("epoch 2: start to first batch", med, "first_batch_2"),
             ("per-worker USS at the first batch (largest worker)", mb, "uss_first"),
             (f"per-worker USS after {ours[0]['batches_read']:,} batches (largest worker)", mb, "uss_end"),

@@ -16,7 +16,7 @@ def test_scale_benchmark_builds_its_data_and_prints_both_sides(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| |")}
-    assert len(rows) == 8 and all(re.fullmatch(r" [\d,.]+ ", cell) for cells in rows.values() for cell in cells), out.stdout
+    assert len(rows) == 9 and all(re.fullmatch(r" [\d,.]+ ", cell) for cells in rows.values() for cell in cells), out.stdout
     assert re.search(r"coco: 40 entries, [\d,]+ annotations", out.stdout)
 
     sys.path.insert(0, str(ROOT / "scripts"))

@@ -96,6 +96,15 @@ BAD_ANNOTATIONS = {
                                "annotation file {file}: category id 10000000 is above the limit 10000 (labels are "
                                "category ids, so the detector would get 10000001 classes); number the categories from 1"),
     "no val images": ("val", no_images, "annotation file {file} lists no images"),
+    # beyond a double's range (and orjson's 64 bits: the standard parser reads these)
+    "huge integer bbox": ("train", first_ann(bbox=[10 ** 400, 1, 2, 3]),
+                          "annotation 1 in {file}: bbox is not finite: [1000000"),
+    "huge integer polygon": ("val", first_ann(segmentation=[[10 ** 400, 1, 5, 1, 5, 5]]),
+                             "annotation 1 in {file}: segmentation polygon 0 is not finite"),
+    "image id beyond 64 bits": ("val", first_image(id=2 ** 64),  # a float for orjson, an int for json: one line
+                                "annotation file {file}: image id is beyond the 64-bit integers COCO ids are kept in"),
+    "annotation id 2**63": ("train", first_ann(id=2 ** 63),
+                            "annotation 9223372036854775808 in {file}: id is beyond the 64-bit integers COCO ids"),
 }
 
 
@@ -121,6 +130,38 @@ def test_val_checks_hold_under_evaluate_only(coco_small, tmp_path, capsys):
         main_coco.main([str(root), "-a", "resnet18", "-e", "--resume", str(tmp_path / "weights.pth"), "-j", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: annotation 1 in {ann_file(root, 'val')}: bbox is not finite: [NaN, 1, 2, 3]"]
+
+
+def test_both_json_parsers_read_a_file_alike(tmp_path, monkeypatch):
+    """orjson (the fast path) and the standard parser give the same objects: every float to the bit
+    (random doubles, subnormals, the extremes, -0.0), integers at 64 bits, escapes, repeated keys; and
+    what orjson refuses (NaN, Infinity, integers beyond 64 bits, a lone surrogate) is read by the
+    standard parser, as before."""
+    import orjson  # noqa: F401 (requirements.txt: the fast path is the one tested)
+
+    from utils.inputs import coco
+    g = np.random.default_rng(seed(0))
+    doubles = g.integers(0, 2 ** 64, 3000, dtype=np.uint64).view(np.float64)  # every bit pattern: both signs
+    doubles = [float(d) for d in doubles[np.isfinite(doubles)]]
+    doubles += [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, -0.0, 0.1, 1 / 3, 123456789.12345678]
+    ints = [0, -1, 2 ** 63 - 1, -2 ** 63, *map(int, g.integers(-2 ** 62, 2 ** 62, 100))]
+    files = {"plain": '{"a": %s, "b": %s, "s": "caf\\u00e9 \\ud83d\\ude00 \u00e9", "a": "again", "nested": [[{}], []]}'
+             % (json.dumps(doubles), json.dumps(ints)),
+             "nan": '{"x": [NaN, Infinity, -Infinity, 1.5]}', "lone surrogate": '{"x": "\\ud800"}',
+             "big": '{"x": [%d, %d, 1]}' % (2 ** 64, -2 ** 63 - 1)}
+    for name, text in files.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text, encoding="utf-8")
+        fast = coco._parse_json(path)
+        with monkeypatch.context() as m:
+            m.setitem(__import__("sys").modules, "orjson", None)  # not installed: the standard parser
+            slow = coco._parse_json(path)
+        want = json.loads(text)
+        if name == "big":  # beyond 64 bits orjson gives the float of the integer (_id refuses both alike)
+            assert slow == want and fast == {"x": [float(2 ** 64), float(-2 ** 63 - 1), 1]}
+            continue
+        # json.dumps writes each float's shortest round-trip form (so -0.0 and 0.0 differ) and keeps int apart from float
+        assert json.dumps(fast) == json.dumps(slow) == json.dumps(want), name
 
 
 # ---------------------------------------------------------------- masks and file names

@@ -165,6 +165,25 @@ def test_sample_images_do_not_depend_on_the_number_of_processes(tiny_data):
     assert len(common) >= 12 and all(torch.equal(one[k], two[k]) for k in common)
 
 
+def test_sampler_order_is_the_distributed_samplers_own():
+    """utils.inputs.data.sampler_order (numpy) yields what DistributedSampler yields, for every size,
+    rank count (padding repeated once or several times, or cut), rank, epoch and seed."""
+    from torch.utils.data import DistributedSampler
+
+    from conftest import seed
+    from utils.inputs.data import sampler_order
+    for n in (1, 2, 3, 7, 64, 1001):
+        for world in (1, 2, 3, 8):
+            for rank in range(world):
+                for shuffle, drop_last in ((True, False), (True, True), (False, False)):
+                    s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle,
+                                           seed=seed(n), drop_last=drop_last)
+                    for epoch in (0, 3):
+                        s.set_epoch(epoch)
+                        got = sampler_order(s)
+                        assert got.dtype == np.int64 and got.tolist() == list(s), (n, world, rank, shuffle, drop_last)
+
+
 # ---- unreadable images -----------------------------------------------------------------------
 
 def test_validation_evaluates_each_readable_image_once_and_counts_files(tmp_path):

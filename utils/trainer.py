@@ -27,13 +27,13 @@ from .lifecycle.checkpoint import (best_acc, check_class_names, check_identity, 
                                    set_rng_state)
 from .inputs.data import EpochLoader
 from .distributed import (all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
-                          init_distributed, processes_to_start, spawn)
+                          init_distributed, launcher_env, processes_to_start, spawn)
 from .engine import NonFiniteLossError, Stepper, evaluate, train_one_epoch
 from .logger import RunLogger
 from .mixing import batch_mix
 from .optim import ExponentialMovingAverage, make_ema, make_optimizer
 from .lifecycle.preempt import StopFlags
-from .lifecycle.processes import watch_workers
+from .lifecycle.processes import watch_workers, worker_start_method
 from .schedule import schedule_from_args
 
 
@@ -260,6 +260,8 @@ def run(args, task):
 
 def run_rank(args, task, gpu_ids, store=None):
     """One rank of the run (the only one without DDP); store: utils.distributed.spawn's rendezvous."""
+    if args.workers and (store is not None or launcher_env(rendezvous=False)["WORLD_SIZE"] > 1):
+        worker_start_method(args.workers, process_group=True)  # the fork server, if any, starts importing now
     info = init_distributed(gpu_ids, store)
     result = _run(args, task, info)
     # Only on success: after an error on one rank, destroy_process_group could wait forever for

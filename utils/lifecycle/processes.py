@@ -71,6 +71,8 @@ def worker_start_method(workers, process_group=None):
     (a single-threaded process that forks the workers; Python 3.14's default) is used only under a
     process group (process_group: torch.distributed.is_initialized() unless given), where its cost
     (each worker unpickles the dataset, the server's start) buys safety. docs/reliability.md.
+    A rank calls it first thing (utils.trainer.run_rank), so that the server's imports (seconds) run
+    beside its set-up instead of delaying epoch 1; the loaders' later calls find the server running.
     """
     import sys
     if process_group is None:
@@ -81,7 +83,10 @@ def worker_start_method(workers, process_group=None):
     import multiprocessing
     context = multiprocessing.get_context("forkserver")
     # Imported once, in the server (not in every worker); fork_server makes it ignore stop signals.
-    context.set_forkserver_preload(["utils.lifecycle.fork_server", "torch", "torchvision", "utils.inputs.data"])
+    # "__main__": the script (main_imagenet.py ...), imported as the workers' __mp_main__ in the server
+    # rather than again in each worker.
+    context.set_forkserver_preload(["utils.lifecycle.fork_server", "torch", "torchvision", "utils.inputs.data",
+                                    "__main__"])
     start_fork_server()
     return context
 
