@@ -111,6 +111,75 @@ def run_cli(args, timeout=180, launcher=None, cwd=ROOT, script="main_imagenet.py
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_in_process(args, script="main_imagenet.py"):
+    """run_cli's result (returncode, stdout, stderr) from the script's main(args) called in this process:
+    no interpreter start nor imports of torch and torchvision (~5 s a command here). For commands that
+    need no process of their own: no signal, no launcher, no process group (those use run_cli)."""
+    import contextlib
+    import importlib
+    import io
+    import torch
+    module = importlib.import_module(Path(script).stem)
+    argv = [str(a) for a in args]
+    assert not {"--nproc", "--gpu"} & set(argv), "ranks of their own print to the real stdout: use run_cli"
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(THREADS))  # as run_cli's OMP_NUM_THREADS: runs compared bit for bit agree
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def start_cli(cmd, env=None):
+    """Popen of a command line in its own process group (signals sent to the group reach only its
+    processes), stdout and stderr as text pipes, one intra-op thread (as run_cli)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS, **(env or {}))
+    return subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def read_until(proc, marker, timeout=300):
+    """The stdout lines of a start_cli process up to the first holding `marker`; the test fails (and the
+    process group is killed) if the output ends or `timeout` passes first."""
+    import time
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+        if time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{marker!r} never printed:\n{''.join(lines)[-2000:]}\n{proc.stderr.read()[-3000:]}")
+
+
+def finish(proc, timeout=300):
+    """(stdout, stderr) once a start_cli process returned; no process of its group (ranks, fork servers,
+    loader workers, multiprocessing's resource tracker) may outlive it by 10 s."""
+    import time
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"never returned:\n{out[-2000:]}\n{err[-3000:]}")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return out, err
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"a process of the run outlived it by 10 s\n{err[-3000:]}")
+
+
 def descendants(pid):
     """pid and every process below it (children of any of its threads, in any session), read from /proc."""
     family, i = [pid], 0

@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 import main_cifar
-from conftest import ROOT, THREADS, assert_same_weights, run_dir, seed
+from conftest import ROOT, THREADS, assert_same_weights, run_dir, run_in_process, seed
 from utils.inputs.cifar import CIFAR_MEAN, CIFAR_STD, DeviceLoader, Split, epoch_draws, read_classes, read_split
 
 FAST = {"SIMAM_IMPL": "eager", "OMP_NUM_THREADS": THREADS}  # no kernel compilation for 2 tiny epochs
@@ -137,10 +137,9 @@ def test_train_resume_exact_and_evaluate(tmp_path, one_thread, capsys):
     assert [r["val_loss"] for r in rows_b] == [r["val_loss"] for r in rows]
 
     # The command line, evaluating the last checkpoint: the last validation, every one of the 40 images once.
-    proc = subprocess.run([sys.executable, str(ROOT / "main_cifar.py"), "--dataset", "cifar100", "--dataset_dir",
-                           str(tmp_path / "data"), "-a", "resnet20", "--attention_type", "simam",
-                           "--attention_param", "1e-4", "-e", "--resume", str(a / "checkpoint.pth.tar")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, **FAST))
+    proc = run_in_process(["--dataset", "cifar100", "--dataset_dir", tmp_path / "data", "-a", "resnet20",
+                           "--attention_type", "simam", "--attention_param", "1e-4", "-e", "--resume",
+                           a / "checkpoint.pth.tar"], script="main_cifar.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = re.search(r"Acc@1 (\d+\.\d+) .*Loss (\d+\.\d+) \((\d+) images", proc.stdout)
     assert m and m.group(1) == f"{rows[-1]['val_acc1']:.3f}" and int(m.group(3)) == 40, proc.stdout[-2000:]
@@ -271,7 +270,7 @@ def test_recipe_schedule_and_reference_flags():
     assert [lr(e, 0) for e in (0, 1, 81, 82, 122, 123, 163)] == pytest.approx([0.01, 0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
 
 
-def test_torchrun_two_ranks_validate_like_one_process_and_equal_nproc_2(tmp_path):
+def test_torchrun_two_ranks_validate_like_one_process_and_equal_nproc_2(tmp_path, monkeypatch):
     """2 gloo ranks, total batch 16: each rank trains on its own 32 of the 64 images (4 steps), and the
     sharded validation (40 images, test batch 7 -> 4 per rank) equals a single-process evaluation.
     `--nproc 2` (ranks spawned by the script) gives the same run bit for bit."""
@@ -287,8 +286,9 @@ def test_torchrun_two_ranks_validate_like_one_process_and_equal_nproc_2(tmp_path
     assert ddp.stdout.count("Epoch 1/1:") == 1 and "[1][3/4]" in ddp.stdout  # rank 0 prints; 4 steps a rank
     run = run_dir([*common[1:], "-b", "16", "--epochs", "1", "--ckpt", tmp_path / "ck"], script="main_cifar.py")
     row = json.loads((run / "metrics.jsonl").read_text())
-    one = subprocess.run([sys.executable, *common, "-e", "--resume", str(run / "checkpoint.pth.tar")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env=env)
+    for k, v in FAST.items():
+        monkeypatch.setenv(k, v)
+    one = run_in_process([*common[1:], "-e", "--resume", run / "checkpoint.pth.tar"], script="main_cifar.py")
     m = re.search(r"Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+) Loss (\d+\.\d+) \((\d+) images", one.stdout)
     assert m, one.stdout[-2000:] + one.stderr[-2000:]
     assert (m.group(1), m.group(2), int(m.group(4))) == (f"{row['val_acc1']:.3f}", f"{row['val_acc5']:.3f}", 40)

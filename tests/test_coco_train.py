@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, run_cli, run_dir, seed
+from conftest import ROOT, assert_same_weights, run_cli, run_dir, run_in_process, seed
 from utils.inputs.coco import make_coco_demo
 
 # Small images, a frozen backbone and few proposals/samples keep a ResNet-18 detector step short on a CPU;
@@ -23,7 +23,11 @@ KEYS = [f"{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75", "AP
 
 
 def run_coco(data, args, launcher=None, timeout=300):
-    proc = run_cli([data, *args], timeout=timeout, launcher=launcher, script="main_coco.py")
+    """main_coco.py's stdout: under `launcher` (torchrun) or with --nproc in processes of its own, else in
+    this one."""
+    own = launcher or "--nproc" in map(str, args)
+    proc = (run_cli([data, *args], timeout=timeout, launcher=launcher, script="main_coco.py") if own else
+            run_in_process([data, *args], script="main_coco.py"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -284,10 +284,10 @@ def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
                            "--dataset", "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs",
                            "1", "-b", "16", "--ckpt", str(tmp_path / "sweep runs ü")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300,
-                          env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="0.1 1e-4 0.1 1e-1", **FAST))
+                          env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="0.1 1e-4 0.1", **FAST))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # A value given twice is one run: seeds a b a and lambdas 0.1 1e-4 0.1 1e-1 (0.1 again) are 2 x 2 runs.
-    assert proc.stdout.count(f"=== lambda 0.1, seed {seed(0)} ===") == 1 and "already finished" in proc.stdout
+    # A value given twice is one run: seeds a b a and lambdas 0.1 1e-4 0.1 are 2 x 2 runs.
+    assert proc.stdout.count(f"=== lambda 0.1, seed {seed(0)} ===") == 1 and proc.stdout.count("=== lambda") == 4
     accs = {}
     for lam in (0.1, 1e-4):
         for s in (seed(0), seed(1)):
@@ -301,13 +301,14 @@ def test_lambda_sweep_script_trains_each_lambda_and_seed(tmp_path):
         row = next(ln for ln in proc.stdout.splitlines() if ln.startswith(line))
         assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in row
 
-    # Again, for one of its runs: the finished run is skipped, its folder untouched, and still plotted.
+    # Again, for one of its runs under another spelling of its lambda (1e-1: the same run): the finished
+    # run is skipped, its folder untouched, and still plotted.
     run = sweep_run(tmp_path, 0.1, seed(0))
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name not in ("log.txt", ".lock")}
     again = subprocess.run([str(ROOT / "scripts" / "lambda_sweep.sh"), "cifar", str(seed(0)), "--dataset",
                             "cifar10", "--dataset_dir", str(tmp_path / "data"), "-a", "resnet20", "--epochs", "1", "-b", "16",
                             "--ckpt", str(tmp_path / "sweep runs ü")], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="0.1", **FAST))
+                           env=dict(os.environ, PYTHON=sys.executable, LAMBDAS="1e-1", **FAST))
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name not in ("log.txt", ".lock")} == before
     assert f"| resnet20 (CIFAR-10) | 0.1 | 1 | **{accs[0.1][0]:.2f}** |" in again.stdout

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ROOT, THREADS, TINY, assert_same_weights, descendants, make_tiny_data, run_cli, run_dir, seed,
-                      started, still_running)
+from conftest import (ROOT, TINY, assert_same_weights, descendants, finish, make_tiny_data, read_until, run_cli,
+                      run_dir, seed, start_cli, started, still_running)
 
 
 
@@ -27,51 +27,6 @@ def data(tmp_path_factory):
 def argv(data, ckpt, *extra):
     return [sys.executable, str(ROOT / "main_imagenet.py"), str(data), *TINY, "-b", "2", "--lr", "0.01", "-p", "1",
             "--seed", str(seed(0)), "--epochs", "2", "--ckpt", str(ckpt), *map(str, extra)]
-
-
-def start(cmd, env=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS, **(env or {}))
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def wait_for(proc, marker, timeout=300):
-    lines, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if marker in line:
-            return lines
-        if time.time() > deadline:
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"{marker!r} never printed:\n{''.join(lines)[-2000:]}\n{proc.stderr.read()[-3000:]}")
-
-
-def finish(proc, timeout=300):
-    """(stdout, stderr) once the command returned; no process of its group may outlive it by 10 s."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"never returned:\n{out[-2000:]}\n{err[-3000:]}")
-    group = {p: started(p) for p in _group(proc.pid)}
-    left = still_running(group)
-    for p in left:
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"processes outlived the command: {left}\n{err[-3000:]}"
-    return out, err
-
-
-def _group(pgid):
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                pids.append(int(d.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    return pids
 
 
 def workers_of(pid):
@@ -94,8 +49,8 @@ def test_a_killed_loader_worker_saves_and_the_run_resumes_exactly(data, tmp_path
     resume ends with the weights, momentum and figures of a run never interrupted."""
     reference = run_cli(argv(data, tmp_path / "whole", "-j", "0")[2:], timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    proc = start(argv(data, tmp_path / "cut", "-j", "2"))
-    wait_for(proc, "Epoch: [1][ 3/")
+    proc = start_cli(argv(data, tmp_path / "cut", "-j", "2"))
+    read_until(proc, "Epoch: [1][ 3/")
     os.kill(workers_of(proc.pid)[0], signal.SIGKILL)
     out, err = finish(proc)
     assert proc.returncode == 1 and len(errors(err)) == 1 and "Traceback" not in err, (out[-2000:], err[-3000:])
@@ -121,8 +76,8 @@ def test_a_stopped_loader_worker_is_detected_and_a_stop_signal_honoured(data, tm
     """SIGSTOP to a loader worker: the batch it owes never comes. Detected (stopped 5 s while awaited:
     the worker is ended), the run stops in one line, exit 1, with a checkpoint to resume from; a
     SIGTERM to the run meanwhile is honoured: saved, exit 143."""
-    proc = start(argv(data, tmp_path, "-j", "2"))
-    wait_for(proc, "Epoch: [1][ 3/")
+    proc = start_cli(argv(data, tmp_path, "-j", "2"))
+    read_until(proc, "Epoch: [1][ 3/")
     os.kill(workers_of(proc.pid)[0], signal.SIGSTOP)
     if then:
         time.sleep(1)
@@ -194,8 +149,8 @@ def test_no_process_outlives_a_trainer_killed_by_sigkill(data, tmp_path, nproc):
     """The trainer killed by SIGKILL (the OOM killer, a scheduler's hard kill) runs no exit handler:
     every process it started (loader workers; with --nproc 2 the ranks, their fork servers and workers)
     ends within 10 s by itself (PR_SET_PDEATHSIG)."""
-    proc = start(argv(data, tmp_path, "-j", "2", *(["--nproc", nproc, "-b", "4"] if nproc > 1 else [])))
-    wait_for(proc, "Epoch: [1][")
+    proc = start_cli(argv(data, tmp_path, "-j", "2", *(["--nproc", nproc, "-b", "4"] if nproc > 1 else [])))
+    read_until(proc, "Epoch: [1][")
     family = {p: started(p) for p in descendants(proc.pid)[1:]}
     assert len(family) >= (2 if nproc == 1 else 6), family  # workers; ranks + fork servers + workers
     os.kill(proc.pid, signal.SIGKILL)
@@ -224,8 +179,8 @@ def test_signals_under_load_end_in_one_line(data, tmp_path):
         for i in range(stress_repeats()):
             target, sigs = cases[i % len(cases)] if stress_repeats() > 1 else rng.choice(cases)
             ckpt = tmp_path / str(i)
-            proc = start(argv(data, ckpt, "-j", "2", "--epochs", "1"))
-            wait_for(proc, "run folder:")  # Python's start-up and imports are behind (Ctrl-C there: Python's own)
+            proc = start_cli(argv(data, ckpt, "-j", "2", "--epochs", "1"))
+            read_until(proc, "run folder:")  # Python's start-up and imports are behind (Ctrl-C there: Python's own)
             time.sleep(rng.uniform(0.0, 4.0))
             for k, s in enumerate(sigs):
                 time.sleep(0.05 if k else 0)
@@ -245,3 +200,32 @@ def test_signals_under_load_end_in_one_line(data, tmp_path):
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_a_hand_over_cut_by_the_main_process_prints_nothing_in_a_worker():
+    """A worker hands batch tensors over through multiprocessing's resource sharer (a thread that
+    serves file descriptors); a main process stopping mid-hand-over (Ctrl-C) cuts the connection, and
+    the sharer's thread reported it through sys.excepthook: a traceback under the run's one line (seen
+    in test_faults' Ctrl-C test). A worker (ignore_stop_signals_in_worker) stays quiet; any other error
+    is still printed. Here the cut is a connection reset during the sharer's handshake."""
+    script = """
+import os, socket, struct, sys, time
+from multiprocessing import resource_sharer
+from utils.lifecycle.processes import ignore_stop_signals_in_worker
+if sys.argv[1] == "worker":
+    ignore_stop_signals_in_worker()
+r, w = os.pipe()
+resource_sharer.DupFd(r)  # starts the sharer's thread, as a worker's first tensor does
+s = socket.socket(socket.AF_UNIX)
+s.connect(resource_sharer._resource_sharer._address)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()  # a reset in the middle of the handshake
+time.sleep(1)
+sys.excepthook(ValueError, ValueError("another error"), None)
+"""
+    for role in ("worker", "plain"):
+        proc = subprocess.run([sys.executable, "-c", script, role], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "ValueError: another error" in proc.stderr  # other errors are still printed
+        cut = "resource_sharer.py" in proc.stderr  # its traceback (ConnectionReset or BrokenPipe, as timing goes)
+        assert cut == (role == "plain"), (role, proc.stderr)

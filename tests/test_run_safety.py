@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, run_in_process, seed
 
 
 def ok(proc):
@@ -55,13 +55,13 @@ def args(data, ckpt, epochs, *extra):
 def finished(data, tmp_path_factory):
     """A finished 2-epoch run, uninterrupted: the reference for the other tests."""
     ckpt = tmp_path_factory.mktemp("finished")
-    ok(run_cli(args(data, ckpt, 2)))
+    ok(run_in_process(args(data, ckpt, 2)))
     return run_dir(args(data, ckpt, 2))
 
 
 def test_rerun_of_a_finished_run_is_a_noop_and_an_unfinished_one_is_refused(data, finished, tmp_path):
     before = snapshot(finished)
-    again = ok(run_cli(args(data, finished.parent, 2)))
+    again = ok(run_in_process(args(data, finished.parent, 2)))
     assert "already finished" in again.stdout and "nothing to do" in again.stdout
     assert again.stdout.rstrip().splitlines()[-1].startswith("done: best Acc@1 ")  # what sweeps and seed scripts read
     assert snapshot(finished) == before
@@ -79,7 +79,7 @@ def test_an_unfinished_run_is_never_started_over_by_the_same_command(data, finis
     ck["epoch"] = 1
     torch.save(ck, run / "checkpoint.pth.tar")
     before = snapshot(run)
-    err = one_line_error(run_cli(args(data, tmp_path, 2)))
+    err = one_line_error(run_in_process(args(data, tmp_path, 2)))
     assert str(run) in err and "epoch 1/2" in err
     assert f"--resume {run / 'checkpoint.pth.tar'}" in err and "--ckpt" in err
     assert snapshot(run) == before
@@ -89,18 +89,18 @@ def test_an_unfinished_run_is_never_started_over_by_the_same_command(data, finis
 def after_one_epoch(data, tmp_path_factory):
     """The same run stopped after its first epoch (a fresh run's first epoch is always its best)."""
     ckpt = tmp_path_factory.mktemp("one_epoch")
-    ok(run_cli(args(data, ckpt, 1)))
+    ok(run_in_process(args(data, ckpt, 1)))
     return run_dir(args(data, ckpt, 1))
 
 
 def test_an_older_checkpoint_is_never_resumed_over_a_newer_run(data, finished, after_one_epoch, tmp_path):
     older = after_one_epoch / "checkpoint.pth.tar"
     before = snapshot(finished)
-    err = one_line_error(run_cli(args(data, finished.parent, 2, "--resume", older)))
+    err = one_line_error(run_in_process(args(data, finished.parent, 2, "--resume", older)))
     assert "older than" in err and "epoch 1/2" in err and "epoch 2/2" in err
     assert snapshot(finished) == before
     # The same checkpoint into a folder of its own is a branch, and is allowed.
-    ok(run_cli(args(data, tmp_path / "branch", 2, "--resume", older)))
+    ok(run_in_process(args(data, tmp_path / "branch", 2, "--resume", older)))
     assert [r["epoch"] for r in rows(run_dir(args(data, tmp_path / "branch", 2)))] == [1, 2]
 
 
@@ -112,7 +112,7 @@ def test_two_runs_into_one_folder_the_second_stops_at_once(data, tmp_path):
         for line in first.stdout:  # the folder is locked before this line is printed
             if line.startswith("run folder:"):
                 break
-        second = run_cli(args(data, tmp_path, 3))
+        second = run_in_process(args(data, tmp_path, 3))
         err = one_line_error(second)
         assert "in use by pid" in err and str(run_dir(args(data, tmp_path, 3))) in err
         out, _ = first.communicate(timeout=180)
@@ -136,7 +136,7 @@ def test_kill_between_checkpoint_and_metrics_loses_nothing(data, finished, after
     shutil.copyfile(after_one_epoch / "checkpoint.pth.tar", run / "model_best.pth.tar")
     (run / "metrics.jsonl").write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:25])
     (run / ".checkpoint.pth.tar.12345.tmp").write_bytes(b"half a checkpoint")
-    proc = ok(run_cli(args(data, tmp_path, 3, "--resume", run / "checkpoint.pth.tar")))
+    proc = ok(run_in_process(args(data, tmp_path, 3, "--resume", run / "checkpoint.pth.tar")))
     assert "removed a stale temporary file" in proc.stdout
     assert not (run / ".checkpoint.pth.tar.12345.tmp").exists()
     restored = "model_best.pth.tar was behind the checkpoint" in proc.stdout
@@ -205,7 +205,7 @@ def test_signal_mid_epoch_saves_and_the_resume_is_bit_exact(data, finished, tmp_
     assert f"epoch 2, iteration {ck['iteration']}/30" in stop[0]
     assert [r["epoch"] for r in rows(run)] == [1]
 
-    ok(run_cli(args(data, tmp_path, 2, "--resume", run / "checkpoint.pth.tar")))
+    ok(run_in_process(args(data, tmp_path, 2, "--resume", run / "checkpoint.pth.tar")))
     ref, got = load(finished / "checkpoint.pth.tar"), load(run / "checkpoint.pth.tar")
     assert got["epoch"] == 2 and got["iteration"] == 0
     assert_same_weights(ref, got, momentum=True)
@@ -216,7 +216,7 @@ def test_signal_mid_epoch_saves_and_the_resume_is_bit_exact(data, finished, tmp_
 
 
 def test_timed_saves_inside_an_epoch(data, tmp_path):
-    proc = ok(run_cli(args(data, tmp_path, 1, "--save-every-minutes", "0.0001")))
+    proc = ok(run_in_process(args(data, tmp_path, 1, "--save-every-minutes", "0.0001")))
     saves = [line for line in proc.stdout.splitlines() if "(--save-every-minutes)" in line]
     assert saves and all("at epoch 1, iteration" in s for s in saves)
     ck = load(run_dir(args(data, tmp_path, 1)) / "checkpoint.pth.tar")

@@ -4,15 +4,14 @@ with torchrun is in test_train.py (test_nproc_equals_torchrun_bit_for_bit)."""
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, descendants, make_tiny_data, run_cli, run_dir, seed, started, still_running
+from conftest import (ROOT, TINY, assert_same_weights, descendants, finish, make_tiny_data, read_until, run_cli,
+                      run_dir, seed, start_cli, started, still_running)
 
 
 
@@ -25,41 +24,6 @@ def cmd(data, ckpt, *extra):
     return [sys.executable, str(ROOT / "main_imagenet.py"), str(data), *TINY, "-b", "4", "--lr", "0.01", "-j", "0",
             "--seed", str(seed(2)), "--epochs", "2", "--nproc", "2", "-p", "1", "--ckpt", str(ckpt),
             *map(str, extra)]
-
-
-def start(argv):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def read_until(proc, marker, timeout=300):
-    lines, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if marker in line:
-            return lines
-        assert time.time() < deadline, "".join(lines)
-    pytest.fail(f"{marker!r} never printed:\n{''.join(lines)[-2000:]}\n{proc.stderr.read()[-3000:]}")
-
-
-def finish(proc, timeout=300):
-    """The output once the command returned; every process of its group (ranks, fork servers, loader
-    workers, multiprocessing's resource tracker) must have ended within 10 s of it."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return out, err
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"a process of the run outlived it\n{err[-3000:]}")
 
 
 def ranks_of(pid):
@@ -81,8 +45,8 @@ def test_two_at_once_and_sigterm_to_the_launcher_saves_every_rank_and_resumes_ex
     reaches both of its ranks, which save mid-epoch and stop: the command returns 143 and leaves no
     process (ranks, their fork servers and workers); the resume ends with the uninterrupted run's
     weights and figures."""
-    whole = start(cmd(data, tmp_path / "whole"))
-    stopped = start(cmd(data, tmp_path / "stopped", "-j", "2"))  # with loader workers (each rank's fork server)
+    whole = start_cli(cmd(data, tmp_path / "whole"))
+    stopped = start_cli(cmd(data, tmp_path / "stopped", "-j", "2"))  # with loader workers (each rank's fork server)
     read_until(stopped, "Epoch: [2][1/6]")
     os.kill(stopped.pid, signal.SIGTERM)  # the launcher alone, as a scheduler or `kill` would
     out, err = finish(stopped)
@@ -106,7 +70,7 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path)
     """A terminal's Ctrl-C goes to the whole foreground group, launcher, ranks and loader workers (-j 2):
     the ranks stop at one iteration as on SIGTERM, rank 0 saves, and the command exits 130, leaving no
     process."""
-    proc = start(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
+    proc = start_cli(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
     read_until(proc, "Epoch: [1][1/6]")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = finish(proc)
@@ -119,7 +83,7 @@ def test_ctrl_c_in_a_terminal_stops_every_rank_with_a_checkpoint(data, tmp_path)
 def test_a_rank_that_dies_ends_the_others_with_one_line(data, tmp_path):
     """A rank killed by SIGKILL (the OOM killer): one line, exit 1, and its own fork server and loader
     workers (-j 2), which no exit handler of the dead rank can end, end too."""
-    proc = start(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
+    proc = start_cli(cmd(data, tmp_path, "--epochs", "1", "-j", "2"))
     read_until(proc, "Epoch: [1][1/6]")
     ranks = ranks_of(proc.pid)
     assert len(ranks) == 2
@@ -145,7 +109,7 @@ def test_an_error_in_the_ranks_with_loader_workers_is_one_line(data, tmp_path):
     shutil.copytree(data, broken)
     for f in (broken / "train").rglob("*.*"):
         f.write_bytes(b"not an image")
-    proc = start(cmd(broken, tmp_path / "ck", "--epochs", "1", "-j", "2"))
+    proc = start_cli(cmd(broken, tmp_path / "ck", "--epochs", "1", "-j", "2"))
     out, err = finish(proc)
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, (out[-2000:], err[-3000:])

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, seed
+from conftest import TINY, assert_same_weights, make_tiny_data, run_cli, run_dir, run_in_process, seed
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                "epoch_time", "images_per_sec"}
@@ -46,7 +46,7 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
     args = [tiny_data, *TINY, *SIMAM, "-b", "8", "--lr", "0.01", "-j", "1", "--seed", seed(0)]
 
     # Two uninterrupted epochs.
-    a = ok(run_cli(args + ["--epochs", "2", "--ckpt", tmp_path / "a"]))
+    a = ok(run_in_process(args + ["--epochs", "2", "--ckpt", tmp_path / "a"]))
     run_a = run_dir(args + ["--epochs", "2", "--ckpt", tmp_path / "a"])
     assert f"run folder: {run_a}" in a.stdout
     for name in ("checkpoint.pth.tar", "model_best.pth.tar", "metrics.jsonl", "log.txt", "args.json"):
@@ -63,7 +63,7 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
     assert {"optimizer", "rng", "scaler"} <= set(ck)
 
     # One epoch, then a resumed second one.
-    ok(run_cli(args + ["--epochs", "1", "--ckpt", tmp_path / "b"]))
+    ok(run_in_process(args + ["--epochs", "1", "--ckpt", tmp_path / "b"]))
     run_b = run_dir(args + ["--epochs", "1", "--ckpt", tmp_path / "b"])
     first = (run_b / "checkpoint.pth.tar").read_bytes()
 
@@ -73,12 +73,12 @@ def test_train_run_folder_nan_stop_and_resume_is_bit_exact(tiny_data, tmp_path):
     broken = load(run_b / "checkpoint.pth.tar")
     broken["state_dict"]["fc.weight"].fill_(3e38)
     torch.save(broken, tmp_path / "diverging.pth.tar")
-    err = one_line_error(run_cli(args + ["--epochs", "2", "-p", "1", "--ckpt", tmp_path / "b",
+    err = one_line_error(run_in_process(args + ["--epochs", "2", "-p", "1", "--ckpt", tmp_path / "b",
                                          "--resume", tmp_path / "diverging.pth.tar"]))
     assert re.search(r"loss is (nan|inf)", err) and "last good checkpoint kept" in err
     assert (run_b / "checkpoint.pth.tar").read_bytes() == first
 
-    ok(run_cli(args + ["--epochs", "2", "--ckpt", tmp_path / "b", "--resume", run_b / "checkpoint.pth.tar"]))
+    ok(run_in_process(args + ["--epochs", "2", "--ckpt", tmp_path / "b", "--resume", run_b / "checkpoint.pth.tar"]))
     cb = load(run_b / "checkpoint.pth.tar")
     assert cb["epoch"] == 2
     assert_same_weights(ck, cb, momentum=True)
@@ -108,7 +108,7 @@ def test_torchrun_ddp_validation_equals_single_process(ddp_run):
     row = metrics(run_dir)[0]
     ck = load(run_dir / "checkpoint.pth.tar")
     assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["state_dict"])
-    single = ok(run_cli([data, *TINY, "-b", "8", "-j", "0", "-e", "--resume", run_dir / "checkpoint.pth.tar"]))
+    single = ok(run_in_process([data, *TINY, "-b", "8", "-j", "0", "-e", "--resume", run_dir / "checkpoint.pth.tar"]))
     top1, top5, loss, count = acc_line(single)
     assert count == 7  # every image once, no padding duplicates
     assert top1 == f"{row['val_acc1']:.3f}" and top5 == f"{row['val_acc5']:.3f}"
@@ -143,17 +143,17 @@ def test_reference_checkpoint_evaluates_and_mismatches_are_named(ddp_run, tmp_pa
     data, run_dir, _ = ddp_run
     ck = load(run_dir / "checkpoint.pth.tar")
     ref = reference_format(ck, tmp_path / "ref.pth.tar")
-    ours = acc_line(ok(run_cli([data, *TINY, "-b", "8", "-j", "0", "-e", "--resume", run_dir / "checkpoint.pth.tar"])))
-    theirs = acc_line(ok(run_cli([data, *TINY, "-b", "8", "-j", "0", "-e", "--resume", ref])))
+    ours = acc_line(ok(run_in_process([data, *TINY, "-b", "8", "-j", "0", "-e", "--resume", run_dir / "checkpoint.pth.tar"])))
+    theirs = acc_line(ok(run_in_process([data, *TINY, "-b", "8", "-j", "0", "-e", "--resume", ref])))
     assert theirs == ours
 
-    err = one_line_error(run_cli([data, *TINY, *SIMAM, "-e", "--resume", run_dir / "checkpoint.pth.tar"]))
+    err = one_line_error(run_in_process([data, *TINY, *SIMAM, "-e", "--resume", run_dir / "checkpoint.pth.tar"]))
     assert "attention_type='none'" in err and "attention_type='simam'" in err
-    err = one_line_error(run_cli([data, *TINY, *SIMAM, "-e", "--resume", ref]))  # no attention field: keys tell
+    err = one_line_error(run_in_process([data, *TINY, *SIMAM, "-e", "--resume", ref]))  # no attention field: keys tell
     assert "does not fit" in err and "missing keys" in err and "conv2.0.weight" in err
 
     weights = tmp_path / "backbone.pth"
-    ok(run_cli(["-a", "resnet18", "--resume", ref, "--save_weights", weights]))
+    ok(run_in_process(["-a", "resnet18", "--resume", ref, "--save_weights", weights]))
     sd = load(weights)
     assert set(sd) == set(ck["state_dict"]) and all(torch.equal(sd[k], ck["state_dict"][k]) for k in sd)
 
@@ -170,7 +170,7 @@ def test_code_carrying_pickle_is_refused_and_never_runs(tiny_data, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": {}, "payload": _Evil(marker)}, evil)
-    err = one_line_error(run_cli([tiny_data, *TINY, "-e", "--resume", evil]))
+    err = one_line_error(run_in_process([tiny_data, *TINY, "-e", "--resume", evil]))
     assert "refusing to load" in err and str(evil) in err
     assert not marker.exists()
 
@@ -182,18 +182,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     bad_train.write_bytes(b"not a jpeg at all")
     bad_val.write_bytes(bad_val.read_bytes()[:100])  # truncated
     cmd = [data, *TINY, "-b", "8", "-j", "1", "--seed", seed(0), "--epochs", "1", "--ckpt", tmp_path / "ck"]
-    proc = ok(run_cli(cmd))
+    proc = ok(run_in_process(cmd))
     assert f"skipped unreadable image: {bad_train}" in proc.stdout
     assert f"skipped unreadable image: {bad_val}" in proc.stdout
     assert metrics(run_dir(cmd))[0]["skipped_images"] == 2
 
     for f in (data / "val").rglob("*.JPEG"):  # nothing readable left: a clear stop, not a hang
         f.write_bytes(b"junk")
-    err = one_line_error(run_cli([data, *TINY, "-b", "8", "-j", "1", "-e", "--resume",
+    err = one_line_error(run_in_process([data, *TINY, "-b", "8", "-j", "1", "-e", "--resume",
                                   run_dir(cmd) / "checkpoint.pth.tar"]))
     assert "unreadable images in a row" in err
 
 
 def test_missing_data_is_one_line_error(tmp_path):
-    err = one_line_error(run_cli([tmp_path / "nowhere", *TINY]))
+    err = one_line_error(run_in_process([tmp_path / "nowhere", *TINY]))
     assert err == f"error: data folder not found: {tmp_path / 'nowhere'}"

@@ -136,9 +136,11 @@ def ignore_stop_signals_in_worker(_worker_id=None):
     trainer is gone already it ends now (its sentinel: EOF, or an error on the fork server's pipe)."""
     import multiprocessing
     import os
+    import sys
     for s in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
     threading.excepthook = _quiet_when_the_main_process_hangs_up
+    sys.excepthook = _quiet_hang_up_in_sys_excepthook
     end_with_parent()
     trainer = multiprocessing.parent_process()
     if trainer is not None and os.getppid() != trainer.pid and not trainer.is_alive():
@@ -153,6 +155,15 @@ def _quiet_when_the_main_process_hangs_up(args):
     if issubclass(args.exc_type, (ConnectionError, EOFError)):
         return
     threading.__excepthook__(args)
+
+
+def _quiet_hang_up_in_sys_excepthook(exc_type, value, tb):
+    """The same for sys.excepthook, which the resource sharer's thread calls itself on an error in its
+    accept loop (a hand-over cut during the authentication handshake: ConnectionResetError)."""
+    import sys
+    if issubclass(exc_type, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(exc_type, value, tb)
 
 
 _reaper = []
