@@ -119,7 +119,10 @@ def run_in_process(args, script="main_imagenet.py"):
     import importlib
     import io
     import torch
-    module = importlib.import_module(Path(script).stem)
+    path = ROOT / script  # a main script, or one of scripts/
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    module = importlib.import_module(path.stem)
     argv = [str(a) for a in args]
     assert not {"--nproc", "--gpu"} & set(argv), "ranks of their own print to the real stdout: use run_cli"
     out, err = io.StringIO(), io.StringIO()

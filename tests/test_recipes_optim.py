@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, THREADS, TINY, assert_same_weights, run_cli, run_dir, seed
+from conftest import ROOT, THREADS, TINY, assert_same_weights, run_cli, run_dir, run_in_process, seed
 from utils import UserError
 from utils.engine import Stepper, train_one_epoch
 from utils.optim import NORM_CLASSES, ExponentialMovingAverage, ema_decay, make_optimizer, param_groups
@@ -416,7 +416,7 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(recipe_data, tmp_
     line and metrics.jsonl show both, model_best says which won, -e evaluates both, --use-ema exports it."""
     done, cut = tmp_path / "done", tmp_path / "cut"
     tiny_data = recipe_data
-    proc = run_cli([tiny_data, *TINY, *EVERYTHING, "-j", "0", "--ckpt", done], timeout=300)
+    proc = run_in_process([tiny_data, *TINY, *EVERYTHING, "-j", "0", "--ckpt", done])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "note: --sync-bn does nothing in a single process" in proc.stdout
     code, out, err = stop_inside_epoch_2([sys.executable, str(ROOT / "main_imagenet.py"), str(tiny_data), *TINY,

@@ -1,13 +1,12 @@
 """Params/FLOPs as the paper counts them (thop 0.0.31 convention) and the summary script."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 from thop import profile
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from networks import create_net
 from networks.attentions import create_attention
 from utils.reporting.flops import PAPER_OPS, profile_model
@@ -70,8 +69,7 @@ def test_profile_leaves_the_model_untouched():
 
 
 def run_summary(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "model_summary.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return run_in_process(args, script="scripts/model_summary.py")
 
 
 def test_json_output_and_filters():
