@@ -229,3 +229,30 @@ sys.excepthook(ValueError, ValueError("another error"), None)
         assert "ValueError: another error" in proc.stderr  # other errors are still printed
         cut = "resource_sharer.py" in proc.stderr  # its traceback (ConnectionReset or BrokenPipe, as timing goes)
         assert cut == (role == "plain"), (role, proc.stderr)
+
+
+def _sigterm_before_ignoring(worker_id):
+    """A worker_init_fn: a SIGTERM (not from the parent) reaches the worker before it ignores the stop
+    signals, as a group's SIGTERM can while workers start; torch's own SIGTERM handler is set by then."""
+    from utils.lifecycle.processes import ignore_stop_signals_in_worker
+    os.kill(os.getpid(), signal.SIGTERM)
+    ignore_stop_signals_in_worker(worker_id)
+
+
+@pytest.mark.parametrize("fork_server", [False, True], ids=["forked", "fork-server"])
+def test_a_stop_signal_to_a_starting_worker_waits_until_it_is_ignored(monkeypatch, fork_server):
+    """A worker takes the stop signals held from its fork (stop_signals_held around the loader's start;
+    the fork server keeps them blocked) and drops them when it ignores them: a group's SIGTERM while the
+    workers start (a validation loader's, every epoch) no longer kills one under torch's SIGTERM handler,
+    which made the run stop as on a worker failure, exit 1, instead of saving (seen under load)."""
+    from torch.utils.data import DataLoader
+
+    from utils.lifecycle import processes
+    context = None
+    if fork_server:  # as in a DDP rank on a Python where a fork can hang
+        monkeypatch.setattr(processes, "fork_can_hang", lambda version=None: True)
+        context = processes.worker_start_method(2, process_group=True)
+        assert context is not None and context.get_start_method() == "forkserver"
+    loader = DataLoader(range(6), batch_size=2, num_workers=2, worker_init_fn=_sigterm_before_ignoring,
+                        multiprocessing_context=context)
+    assert [b.tolist() for b in processes.watch_workers(loader)] == [[0, 1], [2, 3], [4, 5]]

@@ -124,6 +124,22 @@ def end_with_parent(expected_parent=None):
         os._exit(1)
 
 
+@contextmanager
+def stop_signals_held():
+    """Ctrl-C and the stop signals blocked in this thread while the block runs: what it forks (loader
+    workers) starts with them held, until the worker ignores them (ignore_stop_signals_in_worker).
+    Before that, torch's worker sets a SIGTERM handler of its own, under which a SIGTERM from anyone
+    but its parent (scancel and `kill -- -PGID` signal the whole group) kills it, and the run would
+    stop as if a worker had failed instead of saving. Here the signals wait: another thread of this
+    process takes them, or they come when the block ends (deferred_signals holds them meanwhile)."""
+    held = {signal.SIGINT, *STOP_SIGNALS}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def ignore_stop_signals_in_worker(_worker_id=None):
     """DataLoader workers: SLURM signals every process of the job, and a terminal's Ctrl-C every process
     of its foreground group; a worker that died of it would take the batches the main process still
@@ -138,7 +154,8 @@ def ignore_stop_signals_in_worker(_worker_id=None):
     import os
     import sys
     for s in (*STOP_SIGNALS, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, signal.SIG_IGN)  # one held since the fork (stop_signals_held) is dropped here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *STOP_SIGNALS})
     threading.excepthook = _quiet_when_the_main_process_hangs_up
     sys.excepthook = _quiet_hang_up_in_sys_excepthook
     end_with_parent()
@@ -248,7 +265,7 @@ class watch_workers:
                 # would leave one half started, and its traceback: held until they have.
                 if getattr(loader, "_iterator", None) is not None:
                     loader._iterator._timeout = 0  # torch's wait without end (set below for the batches)
-                with deferred_signals():
+                with deferred_signals(), stop_signals_held():
                     self.it = iter(loader)
             except (RuntimeError, ConnectionError, EOFError) as e:
                 yield from self._stop(e, check=True)
