@@ -33,7 +33,7 @@ from .logger import RunLogger
 from .mixing import batch_mix
 from .optim import ExponentialMovingAverage, make_ema, make_optimizer
 from .lifecycle.preempt import StopFlags
-from .lifecycle.processes import watch_workers, worker_start_method
+from .lifecycle.processes import close_loaders, watch_workers, worker_start_method
 from .schedule import schedule_from_args
 
 
@@ -278,16 +278,20 @@ def _run(args, task, info):
         return job.finished
     nets = build_model(args, task, info, job)  # the net (checkpoint weights), SyncBN, EMA, compile, DDP
     train_set, val_set = task.datasets(args, train=not args.evaluate)
-    val_loader = make_loader(task, val_set, job, info, train=False)
-    if args.evaluate:
-        return evaluate_checkpoint(args, task, job, nets, val_loader)
-    train_loader = make_loader(task, train_set, job, info, train=True)
-    if len(train_loader) == 0:
-        raise UserError(f"{len(train_set)} training images give no full batch of {job.batch} per process; lower -b")
-    opt = build_optimization(args, task, job, nets, len(train_loader))  # optimizer, scaler, stepper, lr
-    progress = resume_progress(args, task, info, job, opt)
-    train_epochs(args, task, info, job, nets, opt, progress, train_loader, val_loader)
-    return report(task, job, progress)
+    loaders = [make_loader(task, val_set, job, info, train=False)]
+    try:
+        if args.evaluate:
+            return evaluate_checkpoint(args, task, job, nets, loaders[0])
+        loaders.append(make_loader(task, train_set, job, info, train=True))
+        val_loader, train_loader = loaders
+        if len(train_loader) == 0:
+            raise UserError(f"{len(train_set)} training images give no full batch of {job.batch} per process; lower -b")
+        opt = build_optimization(args, task, job, nets, len(train_loader))  # optimizer, scaler, stepper, lr
+        progress = resume_progress(args, task, info, job, opt)
+        train_epochs(args, task, info, job, nets, opt, progress, train_loader, val_loader)
+        return report(task, job, progress)
+    finally:
+        close_loaders(loaders)
 
 
 @dataclass

@@ -183,6 +183,21 @@ def _quiet_hang_up_in_sys_excepthook(exc_type, value, tb):
     sys.__excepthook__(exc_type, value, tb)
 
 
+def close_loaders(loaders):
+    """End the persistent workers of these loaders (EpochLoader, CocoLoader: their DataLoader's
+    iterator) now, with Ctrl-C and the stop signals deferred. Left to the iterator's __del__ when the
+    run's objects are dropped, a Ctrl-C at that moment is raised inside __del__, where Python prints it
+    as an ignored exception and goes on as if nothing had been pressed."""
+    with deferred_signals():
+        for loader in loaders:
+            data_loader = getattr(loader, "loader", loader)
+            it = getattr(data_loader, "_iterator", None)
+            if it is not None:
+                data_loader._iterator = None
+                it._shutdown_workers()  # workers leave their loop; then joined
+                del it
+
+
 _reaper = []
 
 
