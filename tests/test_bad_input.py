@@ -20,12 +20,12 @@ def _one_thread(one_thread):  # conftest's, for every test of this file
     yield
 
 
-def main(argv, capsys, code=1):
-    return main_in_process(argv, capsys, code)
+def main(argv, code=1):
+    return main_in_process(argv, code)
 
 
-def error(argv, capsys):
-    _, err = main(argv, capsys)
+def error(argv):
+    _, err = main(argv)
     lines = [line for line in err if line.startswith("error:")]
     assert len(lines) == 1 and not any("Traceback" in line for line in err), err
     return lines[0]
@@ -61,7 +61,7 @@ def test_bad_numbers_and_folders(data, tmp_path, capsys):
         (["-b", "1", "--ckpt", tmp_path / "b1"], "-b 1: 1 image(s) per process meet a 1x1 feature map"),
     ]
     for extra, expected in cases:
-        assert expected in error([data, *TINY, "-j", "0", *extra], capsys), extra
+        assert expected in error([data, *TINY, "-j", "0", *extra]), extra
 
 
 def test_module_parameters_are_checked_by_each_module(data, tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_module_parameters_are_checked_by_each_module(data, tmp_path, capsys):
              ("eca", "4", "eca: kernel size must be an odd integer >= 1, got 4"),
              ("srm", "16", "srm: takes no parameter")]
     for att, param, expected in cases:
-        err = error([data, *TINY, "--attention_type", att, "--attention_param", param, "--ckpt", tmp_path], capsys)
+        err = error([data, *TINY, "--attention_type", att, "--attention_param", param, "--ckpt", tmp_path])
         assert err.startswith("error: --attention_param: ") and expected in err, (att, param, err)
     assert not list(tmp_path.iterdir())  # refused before any folder is made
 
@@ -88,7 +88,7 @@ def test_config_values_are_type_checked(data, tmp_path, capsys):
     for line, expected in cases:
         cfg = tmp_path / "c.toml"
         cfg.write_text(line + "\n")
-        assert expected in error([data, "--config", cfg], capsys), line
+        assert expected in error([data, "--config", cfg]), line
     cfg.write_text("lr = 1\nwarmup_epochs = 2\ncos_lr = true\n")  # an integer where a number is due is fine
     args = main_imagenet.parse_args(main_imagenet.get_args_parser(), ["--config", str(cfg)])
     assert (args.lr, args.warmup_epochs, args.cos_lr) == (1, 2, True)
@@ -97,7 +97,7 @@ def test_config_values_are_type_checked(data, tmp_path, capsys):
 def test_directory_symlink_loop_is_refused_and_reported(tmp_path, capsys):
     looped = make_tiny_data(tmp_path / "data", train_per_class=2, val_per_class=1)
     os.symlink("..", looped / "train" / "disc" / "again")
-    err = error([looped, *TINY, "-j", "0", "--ckpt", tmp_path / "ck"], capsys)
+    err = error([looped, *TINY, "-j", "0", "--ckpt", tmp_path / "ck"])
     assert "directory symlink loop" in err and str(looped / "train" / "disc" / "again") in err
     check = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_imagenet.py"), "--check", str(looped),
                             "--expect-classes", "3"], capture_output=True, text=True)
@@ -109,7 +109,7 @@ def test_nan_weights_are_refused_naming_the_tensor(data, trained, tmp_path, caps
     ck["state_dict"]["layer2.0.bn1.running_var"][3] = float("nan")
     bad = tmp_path / "nan.pth.tar"
     torch.save(ck, bad)
-    err = error([data, *TINY, "-j", "0", "-e", "--resume", bad], capsys)
+    err = error([data, *TINY, "-j", "0", "-e", "--resume", bad])
     assert "non-finite" in err and "layer2.0.bn1.running_var" in err
 
 
@@ -117,7 +117,7 @@ def test_gpu_without_cuda_says_so_and_acc_label_names_k(data, trained, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --gpu 0 is honoured, nothing to warn about")
     out, err = main([data, *TINY, "-j", "0", "--gpu", "0", "-e", "--resume", trained / "checkpoint.pth.tar"],
-                    capsys, code=0)
+                    code=0)
     assert any("--gpu 0: CUDA is not available" in line for line in err), err
     assert "Acc@3 " in out and "Acc@5" not in out  # 3 classes: top-5 is top-3
 
@@ -127,12 +127,12 @@ def test_resume_without_seed_keeps_the_recorded_seed(data, trained, tmp_path, ca
     shutil.copytree(trained, run)
     seed = torch.load(run / "checkpoint.pth.tar", weights_only=True)["seed"]
     main([data, *TINY, "-b", "8", "-j", "0", "--epochs", "2", "--ckpt", tmp_path,
-          "--resume", run / "checkpoint.pth.tar"], capsys, code=0)
+          "--resume", run / "checkpoint.pth.tar"], code=0)
     assert json.loads((run / "args.json").read_text())["seed_used"] == seed
     assert torch.load(run / "checkpoint.pth.tar", weights_only=True)["seed"] == seed
     # A different --seed is another run: refused, not silently mixed.
     err = error([data, *TINY, "-j", "0", "--seed", str(seed + 1), "--epochs", "3",
-                 "--resume", run / "checkpoint.pth.tar", "--ckpt", tmp_path / "other"], capsys)
+                 "--resume", run / "checkpoint.pth.tar", "--ckpt", tmp_path / "other"])
     assert f"trained with seed {seed}" in err
 
 
@@ -146,7 +146,7 @@ def test_non_finite_validation_loss_stops_before_saving(data, trained, tmp_path,
         return dict(real(*a, **k), loss=float("nan"))
     monkeypatch.setattr(main_imagenet.TASK, "evaluate", nan_loss)
     err = error([data, *TINY, "-b", "8", "-j", "0", "--epochs", "2", "--ckpt", tmp_path,
-                 "--resume", run / "checkpoint.pth.tar"], capsys)
+                 "--resume", run / "checkpoint.pth.tar"])
     assert "validation loss is nan at epoch 2" in err and "last good checkpoint kept" in err
     assert {n: (run / n).read_bytes() for n in before} == before
 
@@ -154,7 +154,7 @@ def test_non_finite_validation_loss_stops_before_saving(data, trained, tmp_path,
 def test_one_class_gets_a_warning(tmp_path, capsys):
     from utils.inputs.demo_data import make_demo_dataset
     one = make_demo_dataset(tmp_path / "one", classes=("disc",), train_per_class=4, val_per_class=2, sizes=(40, 40))
-    out, _ = main([one, *TINY, "-b", "2", "-j", "0", "--epochs", "1", "--ckpt", tmp_path / "ck"], capsys, code=0)
+    out, _ = main([one, *TINY, "-b", "2", "-j", "0", "--epochs", "1", "--ckpt", tmp_path / "ck"], code=0)
     assert "warning: the data has 1 class" in out
 
 

@@ -63,7 +63,7 @@ def test_finetune_from_1000_classes_resumes_bit_exactly(released, small_data, tm
     path, _ = released
     tiny_data = small_data
     done, cut = tmp_path / "done", tmp_path / "cut"
-    code, out, err = main_in_process([tiny_data, *FT, "-j", "0", "--ckpt", done, "--pretrained", path], capsys)
+    code, out, err = main_in_process([tiny_data, *FT, "-j", "0", "--ckpt", done, "--pretrained", path])
     assert code == 0, err[-3000:]
     n = len(create_net("resnet18", "simam", num_classes=3).state_dict())
     assert (f"=> weights from --pretrained {path}: {n - 2} of {n} tensors; not loaded: fc.weight, fc.bias "
@@ -79,7 +79,7 @@ def test_finetune_from_1000_classes_resumes_bit_exactly(released, small_data, tm
     assert mid["epoch"] == 1 and mid["iteration"] >= 3 and mid["classes"] == ["disc", "h_stripes", "v_stripes"]
 
     b8 = [*FT[:FT.index("-b")], "-b", "8", *FT[FT.index("-b") + 2:]]
-    code, _, err = main_in_process([tiny_data, *b8, "-j", "0", "--ckpt", cut, "--resume", ck], capsys)
+    code, _, err = main_in_process([tiny_data, *b8, "-j", "0", "--ckpt", cut, "--resume", ck])
     assert code == 1 and err.strip().splitlines() == [  # another -b is another recipe (utils.recipe)
         f"error: --resume {ck} continues a run of other settings: batch_size=8 (the run: 3); resume without them "
         f"(the run's own are used), or start a new run without --resume"]
@@ -89,13 +89,12 @@ def test_finetune_from_1000_classes_resumes_bit_exactly(released, small_data, tm
     for split in ("train", "val"):
         (renamed / split / "disc").rename(renamed / split / "dots")  # same count, same order: labels would shift
     for argv in ([renamed, *FT, "-j", "0", "--ckpt", cut, "--resume", ck], [renamed, "-e", "--resume", ck, "-j", "0"]):
-        code, _, err = main_in_process(argv, capsys)
+        code, _, err = main_in_process(argv)
         assert code == 1 and err.strip().splitlines() == [
             f"error: the classes of {renamed} differ from those {ck} was trained on: class 0 is 'dots' there, "
             f"'disc' in the checkpoint (a renamed class folder shifts the labels)"], err
 
-    code, _, err = main_in_process([tiny_data, *FT, "-j", "0", "--ckpt", cut, "--resume", ck, "--pretrained", path],
-                                   capsys)
+    code, _, err = main_in_process([tiny_data, *FT, "-j", "0", "--ckpt", cut, "--resume", ck, "--pretrained", path])
     assert code == 0, err[-3000:]
     ref, got = (torch.load(run_dir([tiny_data, *FT, "--ckpt", r, "--pretrained", path]) / "checkpoint.pth.tar",
                            weights_only=True) for r in (done, cut))
@@ -112,8 +111,7 @@ def test_bad_pretrained_is_one_line(released, tiny_data, tmp_path, capsys):
              f"error: --pretrained: checkpoint {path} is for arch='resnet18', but this run has arch='resnet34'"),
             (["-a", "resnet18", "--attention_type", "se"],
              f"error: --pretrained: checkpoint {path} does not fit this model (another arch or attention type?)")):
-        code, out, err = main_in_process([tiny_data, *flags, "-j", "0", "--ckpt", tmp_path, "--pretrained", path],
-                                         capsys)
+        code, out, err = main_in_process([tiny_data, *flags, "-j", "0", "--ckpt", tmp_path, "--pretrained", path])
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and lines[0].startswith(message), lines
 
@@ -129,12 +127,12 @@ def test_save_weights_never_replaces_a_checkpoint(tiny_data, tmp_path, capsys):
     torch.save(ours, other)
     before = ck.read_bytes(), other.read_bytes()
     for target in (ck, other):
-        code, _, err = main_in_process(["--resume", ck, "--save_weights", target], capsys)
+        code, _, err = main_in_process(["--resume", ck, "--save_weights", target])
         assert code == 1 and len(err.strip().splitlines()) == 1, err
         assert err.startswith(f"error: --save_weights {target} is ")
-    assert "the --resume checkpoint itself" in main_in_process(["--resume", ck, "--save_weights", ck], capsys)[2]
+    assert "the --resume checkpoint itself" in main_in_process(["--resume", ck, "--save_weights", ck])[2]
     assert (ck.read_bytes(), other.read_bytes()) == before
-    code, out, err = main_in_process(["--resume", ck, "--save_weights", tmp_path / "w.pth"], capsys)
+    code, out, err = main_in_process(["--resume", ck, "--save_weights", tmp_path / "w.pth"])
     assert code == 0, err
     saved = torch.load(tmp_path / "w.pth", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())

@@ -328,24 +328,18 @@ def test_bad_values_are_one_line_errors(argv, message):
         check_args(parse_args(get_args_parser(), argv), TASK)
 
 
-def main_in_process(argv, capsys):
+def main_in_process(argv):
     """main_imagenet.py's main() here (no interpreter start-up): (exit code, stdout, stderr)."""
-    import main_imagenet
-    try:
-        main_imagenet.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    proc = run_in_process(argv)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_bad_value_on_the_command_line_and_use_ema_without_an_ema(tiny_data, tmp_path, capsys):
-    code, out, err = main_in_process([tiny_data, "--grad-accum-steps", "0"], capsys)
+    code, out, err = main_in_process([tiny_data, "--grad-accum-steps", "0"])
     assert code == 1 and err.strip().splitlines() == ["error: --grad-accum-steps must be at least 1, got 0"]
     torch.save({"state_dict": tiny_net().state_dict()}, tmp_path / "plain.pth")
     code, out, err = main_in_process(["--resume", tmp_path / "plain.pth", "--save_weights", tmp_path / "w.pth",
-                                      "--use-ema"], capsys)
+                                      "--use-ema"])
     assert code == 1 and err.strip().splitlines() == [
         f"error: {tmp_path / 'plain.pth'} holds no EMA weights (trained without --model-ema)"]
     assert not (tmp_path / "w.pth").exists()
@@ -453,8 +447,7 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(recipe_data, tmp_
     assert (best["best_acc1"], best["best_epoch"], best["best_of"]) == first_best
     assert f"best {first_best[0]:.3f} ({first_best[2]})" in proc.stdout
 
-    code, out, err = main_in_process([tiny_data, *TINY, "-e", "--resume", run / "checkpoint.pth.tar", "-j", "0"],
-                                     capsys)
+    code, out, err = main_in_process([tiny_data, *TINY, "-e", "--resume", run / "checkpoint.pth.tar", "-j", "0"])
     assert code == 0, err[-3000:]
     model_line, ema_line = (ln for ln in out.splitlines() if ln.startswith(" * "))
     assert f"Acc@1 {rows[-1]['val_acc1']:.3f}" in model_line and f"Loss {rows[-1]['val_loss']:.4f}" in model_line
@@ -463,7 +456,7 @@ def test_sigterm_resume_is_bit_exact_with_every_recipe_feature(recipe_data, tmp_
 
     out = tmp_path / "ema.pth"
     code, _, err = main_in_process(["--resume", run / "checkpoint.pth.tar", *TINY[:2], "--save_weights", out,
-                                    "--use-ema"], capsys)
+                                    "--use-ema"])
     assert code == 0, err[-3000:]
     exported = torch.load(out, weights_only=True)
     assert exported.keys() == got["state_dict"].keys()
@@ -537,8 +530,7 @@ def test_ddp_ranks_agree_on_the_ema(tiny_data, tmp_path, capsys, one_thread):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run = run_dir(argv)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    code, out, err = main_in_process([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"],
-                                     capsys)
+    code, out, err = main_in_process([tiny_data, *TINY, "-j", "0", "-e", "--resume", run / "checkpoint.pth.tar"])
     assert code == 0, err[-3000:]
     model_line, ema_line = (ln for ln in out.splitlines() if ln.startswith(" * "))
     for line, key in ((model_line, "val"), (ema_line, "val_ema")):

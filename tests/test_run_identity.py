@@ -27,12 +27,12 @@ def flags(data, ckpt, *extra):
     return [data, *TINY, "-b", "8", "-j", "0", "--seed", seed(0), "--epochs", "1", "--ckpt", ckpt, *extra]
 
 
-def main(argv, capsys, code=0):
-    return main_in_process(argv, capsys, code)
+def main(argv, code=0):
+    return main_in_process(argv, code)
 
 
-def error(argv, capsys):
-    _, err = main(argv, capsys, code=1)
+def error(argv):
+    _, err = main(argv, code=1)
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
@@ -87,7 +87,7 @@ def test_the_same_command_again_is_finished(sweep, capsys):
     data, ckpt = sweep
     run = run_dir(flags(data, ckpt, "--lr", "0.01"))
     before = snapshot(run)
-    out, _ = main(flags(data, ckpt, "--lr", "0.01"), capsys)
+    out, _ = main(flags(data, ckpt, "--lr", "0.01"))
     assert f"run {run} is already finished" in out and out.rstrip().splitlines()[-1].endswith(f"run folder: {run}")
     assert snapshot(run) == before
 
@@ -96,7 +96,7 @@ def test_resume_with_a_differing_flag_is_refused_naming_it(sweep, capsys):
     data, ckpt = sweep
     run = run_dir(flags(data, ckpt, "--lr", "0.01"))
     before = snapshot(run)
-    err = error([data, "--resume", run / "checkpoint.pth.tar", "--lr", "0.1", "--wd", "1e-4", "-j", "0"], capsys)
+    err = error([data, "--resume", run / "checkpoint.pth.tar", "--lr", "0.1", "--wd", "1e-4", "-j", "0"])
     assert "lr=0.1 (the run: 0.01)" in err and "weight_decay" not in err  # --wd 1e-4 is the run's own
     assert snapshot(run) == before
 
@@ -107,7 +107,7 @@ def test_resume_without_seed_trains_on_in_its_own_folder_with_a_raised_epochs(sw
     data, ckpt = sweep
     run = tmp_path / run_dir(flags(data, ckpt, "--lr", "0.01")).name
     shutil.copytree(run_dir(flags(data, ckpt, "--lr", "0.01")), run)
-    out, _ = main(["--resume", run / "checkpoint.pth.tar", "--epochs", "2", "-j", "0"], capsys)
+    out, _ = main(["--resume", run / "checkpoint.pth.tar", "--epochs", "2", "-j", "0"])
     assert f"note: --epochs 2: training on in {run} (the run had 1 epochs)" in out
     assert out.rstrip().splitlines()[-1].endswith(f"run folder: {run}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no second folder
@@ -128,17 +128,17 @@ def test_another_recipe_or_data_in_an_existing_folder_is_refused(sweep, tmp_path
     assert run_dir(cmd_a) == run_dir(cmd_b)  # each config's values are its defaults: no digest for them
     shutil.copytree(run_dir(flags(data, ckpt, "--lr", "0.1")), run_dir(cmd_a))  # config a's run (lr 0.1)
     before = snapshot(run_dir(cmd_a))
-    err = error(cmd_b, capsys)
+    err = error(cmd_b)
     assert f"run folder {run_dir(cmd_a)} holds a run of other settings: " in err
     assert "lr=0.01 (the run: 0.1)" in err and "weight_decay=0.0005 (the run: 0.0001)" in err
     assert snapshot(run_dir(cmd_a)) == before
 
     moved = tmp_path / "moved data"
     shutil.copytree(data, moved)
-    err = error(flags(moved, tmp_path, "--config", a), capsys)
+    err = error(flags(moved, tmp_path, "--config", a))
     assert f"was trained on the data at {data.resolve()}, this command's is {moved.resolve()}" in err
     assert snapshot(run_dir(cmd_a)) == before
-    out, _ = main([moved, "--resume", run_dir(cmd_a) / "checkpoint.pth.tar", "-j", "0"], capsys)
+    out, _ = main([moved, "--resume", run_dir(cmd_a) / "checkpoint.pth.tar", "-j", "0"])
     assert f"note: the run was trained on the data at {data.resolve()}; it continues on {moved.resolve()}" in out
 
 
@@ -148,7 +148,7 @@ def test_config_args_json_replays_the_run_into_its_folder(sweep, capsys):
     replay = ["--config", run / "args.json"]
     assert run_dir(replay) == run
     before = snapshot(run)
-    out, _ = main(replay, capsys)
+    out, _ = main(replay)
     assert f"run {run} is already finished" in out
     assert snapshot(run) == before
 

@@ -74,7 +74,7 @@ def _numbers(values, what, n=None):
         raise UserError(f"{what} is not {shape}: {json.dumps(values)[:80]}") from None
     try:  # an integer beyond a double's range overflows
         floats = values if n is None else [float(v) for v in values]
-        finite = math.isfinite(total) and all(map(math.isfinite, floats))
+        finite = math.isfinite(total)
     except OverflowError:
         finite = False
     if not finite:
